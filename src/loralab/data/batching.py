@@ -1,0 +1,86 @@
+"""Length-grouped sampling and padding collation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from loralab.data.formatting import IGNORE_INDEX, EncodedExample
+
+
+class EncodedDataset(Dataset[EncodedExample]):
+    def __init__(self, examples: Sequence[EncodedExample]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> EncodedExample:
+        return self.examples[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e) for e in self.examples]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled order where consecutive ``batch_size`` indices have similar lengths.
+
+    Like Hugging Face's sampler of that name: shuffle, cut into mega-batches of
+    ``batch_size * buckets`` indices, sort each by length, then shuffle the batches, so padding
+    stays small and batches still vary. ``set_epoch`` (called by Lightning) reshuffles.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, buckets: int = 50, seed: int = 0):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.buckets = max(1, buckets)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        mega = self.batch_size * self.buckets
+        batches: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            batches.extend(
+                chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)
+            )
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            yield from batches[b]
+
+
+def collate_examples(
+    examples: Sequence[EncodedExample], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples.
+
+    Returns ``input_ids`` [B, T] (padded with ``pad_token_id``), ``attention_mask`` [B, T],
+    ``labels`` [B, T] (``IGNORE_INDEX`` on prompt and padding) and ``domain_id`` [B].
+    """
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+    domain_id = torch.tensor([e.domain_id for e in examples], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "domain_id": domain_id,
+    }

@@ -1,0 +1,138 @@
+"""Lightning DataModule over the domain files: split, format, tokenize, batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from loralab.data.batching import EncodedDataset, LengthGroupedSampler, collate_examples
+from loralab.data.formatting import encode_pair
+from loralab.data.records import (
+    Record,
+    Split,
+    default_data_root,
+    file_sha256,
+    read_records,
+    select_split,
+)
+
+
+def data_root(data_cfg: Mapping[str, Any]) -> Path:
+    root = data_cfg.get("root")
+    return Path(root) if root else default_data_root()
+
+
+def domain_file(data_cfg: Mapping[str, Any], domain: str) -> Path:
+    files = data_cfg["files"]
+    if domain not in files:
+        raise KeyError(f"data.files has no entry for domain {domain!r} (known: {sorted(files)})")
+    return data_root(data_cfg) / str(files[domain])
+
+
+def split_cap(data_cfg: Mapping[str, Any], split: Split) -> int | None:
+    cap = data_cfg.get(f"max_{split}_per_domain")
+    return None if cap is None else int(cap)
+
+
+def load_domain_split(
+    data_cfg: Mapping[str, Any], domain: str, split: Split, limit: int | None = -1
+) -> list[Record]:
+    """Records of ``domain`` in ``split``; ``limit=-1`` uses the config's cap for that split."""
+    records = read_records(domain_file(data_cfg, domain), expected_domain=domain)
+    return select_split(
+        records,
+        split,
+        val_fraction=float(data_cfg["val_fraction"]),
+        test_fraction=float(data_cfg["test_fraction"]),
+        limit=split_cap(data_cfg, split) if limit == -1 else limit,
+    )
+
+
+def data_file_hashes(data_cfg: Mapping[str, Any], domains: Sequence[str]) -> dict[str, str]:
+    return {
+        str(domain_file(data_cfg, d).name): file_sha256(domain_file(data_cfg, d)) for d in domains
+    }
+
+
+class DomainDataModule(L.LightningDataModule):
+    """Train / val / test loaders over one or several domains.
+
+    Batches are dicts from :func:`collate_examples`; ``domain_id`` indexes ``domains``.
+    """
+
+    def __init__(
+        self,
+        data_cfg: Mapping[str, Any],
+        tokenizer: PreTrainedTokenizerBase,
+        domains: Sequence[str],
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cfg = data_cfg
+        self.tokenizer = tokenizer
+        self.domains = list(domains)
+        self.seed = seed
+        self.datasets: dict[Split, EncodedDataset] = {}
+
+    def encode(self, split: Split) -> EncodedDataset:
+        if split not in self.datasets:
+            examples = [
+                encode_pair(
+                    self.tokenizer, r.instruction, r.response, int(self.cfg["max_length"]), i
+                )
+                for i, domain in enumerate(self.domains)
+                for r in load_domain_split(self.cfg, domain, split)
+            ]
+            self.datasets[split] = EncodedDataset(examples)
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.encode("train")
+            self.encode("val")
+        if stage in (None, "test", "validate"):
+            self.encode("val" if stage == "validate" else "test")
+
+    def _collate(self) -> Any:
+        return partial(collate_examples, pad_token_id=int(self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.encode("train")
+        sampler = LengthGroupedSampler(
+            ds.lengths,
+            int(self.cfg["batch_size"]),
+            int(self.cfg["length_group_buckets"]),
+            self.seed,
+        )
+        return DataLoader(
+            ds,
+            batch_size=int(self.cfg["batch_size"]),
+            sampler=sampler,
+            collate_fn=self._collate(),
+            num_workers=int(self.cfg["num_workers"]),
+            drop_last=False,
+        )
+
+    def eval_dataloader(self, split: Split) -> DataLoader:
+        """Deterministic loader sorted by length (little padding); order does not matter for means."""
+        ds = self.encode(split)
+        order = sorted(range(len(ds)), key=lambda i: -ds.lengths[i])
+        return DataLoader(
+            EncodedDataset([ds[i] for i in order]),
+            batch_size=int(self.cfg["eval_batch_size"]),
+            shuffle=False,
+            collate_fn=self._collate(),
+            num_workers=int(self.cfg["num_workers"]),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")

@@ -1,0 +1,153 @@
+"""Reading, validating and splitting the domain instruction / response files.
+
+Every record is one JSON object per line with the fields of ``REQUIRED_FIELDS``. The split of a
+record into train / val / test is a pure function of its ``id`` (a SHA-256 hash), so every part of
+the project (experts, router, MoE-LoRA gate, evaluation) sees the same split without sharing state,
+and the test split is never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+DOMAINS: tuple[str, ...] = ("law", "code", "medical")
+ROUTER_LABELS: tuple[str, ...] = ("law", "code", "medical", "base")
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "domain", "instruction", "response")
+
+
+class DataFormatError(ValueError):
+    """A data file or record is malformed; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One instruction / response pair. ``domain`` is ``law``, ``code``, ``medical`` or ``general``."""
+
+    id: str
+    domain: str
+    instruction: str
+    response: str
+    source: str = ""
+    license: str = ""
+
+
+def default_data_root() -> Path:
+    """``$LORALAB_DATA`` if set, else ``../shared/data`` beside the repository (the lab default)."""
+    env = os.environ.get("LORALAB_DATA")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[3]
+    return repo.parent / "shared" / "data"
+
+
+def read_records(path: str | Path, expected_domain: str | None = None) -> list[Record]:
+    """Read and validate a JSON-lines file of records.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataFormatError: a line is not JSON, a required field is missing / not a non-empty string,
+            the domain differs from ``expected_domain``, or an id repeats. The message reads
+            ``<file>:<line>: field '<name>' ...``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataFormatError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
+            for field in REQUIRED_FIELDS:
+                value = obj.get(field)
+                if field not in obj:
+                    raise DataFormatError(f"{path}:{lineno}: field '{field}' is missing")
+                if not isinstance(value, str) or not value.strip():
+                    raise DataFormatError(
+                        f"{path}:{lineno}: field '{field}' must be a non-empty string, got {value!r:.60}"
+                    )
+            if expected_domain is not None and obj["domain"] != expected_domain:
+                raise DataFormatError(
+                    f"{path}:{lineno}: field 'domain' is {obj['domain']!r}, expected {expected_domain!r}"
+                )
+            if obj["id"] in seen:
+                raise DataFormatError(
+                    f"{path}:{lineno}: field 'id' {obj['id']!r} repeats line {seen[obj['id']]}"
+                )
+            seen[obj["id"]] = lineno
+            records.append(
+                Record(
+                    id=obj["id"],
+                    domain=obj["domain"],
+                    instruction=obj["instruction"],
+                    response=obj["response"],
+                    source=str(obj.get("source", "")),
+                    license=str(obj.get("license", "")),
+                )
+            )
+    if not records:
+        raise DataFormatError(f"{path}: no records")
+    return records
+
+
+def split_of(record_id: str, val_fraction: float = 0.05, test_fraction: float = 0.05) -> Split:
+    """Deterministic split of a record from a SHA-256 hash of its id (uniform in [0, 1))."""
+    if not (val_fraction >= 0 and test_fraction >= 0 and val_fraction + test_fraction < 1):
+        raise ValueError(f"bad split fractions: val={val_fraction}, test={test_fraction}")
+    digest = hashlib.sha256(record_id.encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def select_split(
+    records: Iterable[Record],
+    split: Split,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    limit: int | None = None,
+) -> list[Record]:
+    """Records of one split, in file order, at most ``limit`` of them (spread over the file)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    chosen = [r for r in records if split_of(r.id, val_fraction, test_fraction) == split]
+    return spread_subset(chosen, limit)
+
+
+def spread_subset(items: Sequence[Record], limit: int | None) -> list[Record]:
+    """``limit`` items evenly spaced over ``items`` (files are grouped by source, so a prefix
+    would see one source only). ``None`` or a limit >= len keeps everything."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit <= 0:
+        return []
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Evaluation: token NLL, the expert x domain check."""

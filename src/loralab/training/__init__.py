@@ -1,0 +1,1 @@
+"""Lightning training: shared helpers and the LoRA expert trainer."""
