@@ -1,36 +1,34 @@
-"""Domain data: records, splits, formatting and batching."""
+"""Domain data: records and splits (``records``), formatting (``formatting``), batching
+(``batching``), the Lightning DataModule (``datamodule``) and two-domain requests (``mixtures``).
 
-from loralab.data.datamodule import (
-    DomainDataModule,
-    data_file_hashes,
-    domain_file,
-    load_domain_split,
-)
-from loralab.data.formatting import IGNORE_INDEX, EncodedExample, encode_pair, prompt_text
-from loralab.data.records import (
-    DOMAINS,
-    ROUTER_LABELS,
-    DataFormatError,
-    Record,
-    read_records,
-    select_split,
-    split_of,
-)
+Names are imported lazily so that reading records does not import Lightning.
+"""
 
-__all__ = [
-    "DOMAINS",
-    "IGNORE_INDEX",
-    "ROUTER_LABELS",
-    "DataFormatError",
-    "DomainDataModule",
-    "EncodedExample",
-    "Record",
-    "data_file_hashes",
-    "domain_file",
-    "encode_pair",
-    "load_domain_split",
-    "prompt_text",
-    "read_records",
-    "select_split",
-    "split_of",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "DOMAINS": "records",
+    "ROUTER_LABELS": "records",
+    "DataFormatError": "records",
+    "Record": "records",
+    "read_records": "records",
+    "select_split": "records",
+    "split_of": "records",
+    "IGNORE_INDEX": "formatting",
+    "EncodedExample": "formatting",
+    "encode_pair": "formatting",
+    "prompt_text": "formatting",
+    "DomainDataModule": "datamodule",
+    "data_file_hashes": "datamodule",
+    "domain_file": "datamodule",
+    "load_domain_split": "datamodule",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"loralab.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'loralab.data' has no attribute {name!r}")

@@ -35,8 +35,12 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
     base, tok = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     module = LoRAExpertModule(base, cfg.expert.lora, cfg.expert.optim).to(device)
     steps, warmup = int(cfg.bench.steps), int(cfg.bench.warmup)
-    optimizer = configure_adamw_cosine(module.model.parameters(), cfg.expert.optim, steps + warmup)["optimizer"]
-    loader = DomainDataModule(cfg.data, tok, [str(cfg.bench.domain)], seed=int(cfg.seed)).train_dataloader()
+    optimizer = configure_adamw_cosine(module.model.parameters(), cfg.expert.optim, steps + warmup)[
+        "optimizer"
+    ]
+    loader = DomainDataModule(
+        cfg.data, tok, [str(cfg.bench.domain)], seed=int(cfg.seed)
+    ).train_dataloader()
     batches = []
     for batch in loader:
         batches.append({k: v.to(device) for k, v in batch.items()})
@@ -67,7 +71,9 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()}",
         "base_model": str(cfg.base_model.name),
         "precision": str(cfg.trainer.precision),
         "batch_size": int(cfg.data.batch_size),

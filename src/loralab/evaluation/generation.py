@@ -1,0 +1,128 @@
+"""Greedy generation on a small sample: MBPP pass rate for code (run in a subprocess with a time and
+memory limit), ROUGE-L against the reference for law and medical."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from loralab.data.datamodule import data_root, load_domain_split
+from loralab.data.formatting import prompt_text
+from loralab.data.records import Record, spread_subset
+
+_CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """A prompt with either a reference answer (ROUGE-L) or executable checks (pass rate)."""
+
+    record: Record
+    tests: Sequence[str] = field(default_factory=tuple)
+    setup: str = ""
+
+
+def mbpp_items(data_cfg: Mapping[str, Any], n: int) -> list[GenerationItem]:
+    """``n`` MBPP test-split tasks (ids 11-510) from ``eval/``, spread over the file."""
+    path = data_root(data_cfg) / "eval" / "mbpp_test_and_validation.jsonl"
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            obj = json.loads(line)
+            if not isinstance(obj.get("test_list"), list):
+                raise ValueError(
+                    f"{path}:{lineno}: field 'test_list' must be a list of assert lines"
+                )
+            task = int(str(obj["id"]).rsplit("-", 1)[-1])
+            if 11 <= task <= 510:
+                record = Record(obj["id"], "code", obj["instruction"], obj["response"])
+                items.append(
+                    GenerationItem(
+                        record, tuple(obj["test_list"]), obj.get("test_setup_code") or ""
+                    )
+                )
+    return [items[int(i * len(items) / n)] for i in range(min(n, len(items)))]
+
+
+def generation_sets(data_cfg: Mapping[str, Any], n: int) -> dict[str, list[GenerationItem]]:
+    """``gen_code`` (MBPP pass rate), ``gen_law`` and ``gen_medical`` (test split, ROUGE-L)."""
+    sets = {"gen_code": mbpp_items(data_cfg, n)}
+    for domain in ("law", "medical"):
+        records = spread_subset(load_domain_split(data_cfg, domain, "test", limit=None), n)
+        sets[f"gen_{domain}"] = [GenerationItem(r) for r in records]
+    return sets
+
+
+def extract_code(text: str) -> str:
+    """The first fenced code block of a reply, or the whole reply when it has none."""
+    match = _CODE_BLOCK.search(text)
+    return match.group(1) if match else text
+
+
+def _limit_memory() -> None:  # runs in the child before exec
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def run_checks(code: str, tests: Sequence[str], setup: str = "", timeout_s: float = 5.0) -> bool:
+    """Run generated ``code`` then the assert lines in an isolated Python subprocess.
+
+    Untrusted code: separate process (``-I``: no user site, no env paths), a temp working folder,
+    a wall-clock limit and a 2 GiB address-space limit. True when every assert passes.
+    """
+    program = "\n".join([setup, code, *tests])
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "candidate.py"
+        script.write_text(program, encoding="utf-8")
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-I", str(script)],
+                cwd=tmp,
+                capture_output=True,
+                timeout=timeout_s,
+                preexec_fn=_limit_memory,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+    return proc.returncode == 0
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, max_prompt_tokens: int
+) -> torch.Tensor:
+    """[1, T] prompt ids (chat template, generation header), keeping the last ``max_prompt_tokens``."""
+    ids = tokenizer(prompt_text(tokenizer, instruction), add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids[-max_prompt_tokens:]])
+
+
+def generate_reply(
+    system: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    item: GenerationItem,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    device: torch.device,
+) -> str:
+    """Greedy reply of ``system`` to one item."""
+    ids = encode_prompt(tokenizer, item.record.instruction, max_prompt_tokens).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = system.generate(
+        batch,
+        [item.record],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))

@@ -1,0 +1,62 @@
+"""The evaluation sets: the four single-domain test splits and the two-domain requests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from loralab.data.batching import collate_examples
+from loralab.data.datamodule import load_domain_split
+from loralab.data.formatting import EncodedExample, encode_pair
+from loralab.data.mixtures import two_domain_records
+from loralab.data.records import Record
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Records and their encodings, aligned by index."""
+
+    name: str
+    records: list[Record]
+    examples: list[EncodedExample]
+
+    def batches(
+        self, batch_size: int, pad_token_id: int, device: torch.device
+    ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], list[Record]]]:
+        """(indices, batch, records) in length order (little padding); indices map back to the set."""
+        order = sorted(range(len(self.examples)), key=lambda i: -len(self.examples[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate_examples([self.examples[i] for i in idx], pad_token_id)
+            yield idx, {k: v.to(device) for k, v in batch.items()}, [self.records[i] for i in idx]
+
+
+def build_eval_sets(
+    data_cfg: Mapping[str, Any],
+    eval_cfg: Mapping[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    experts: Sequence[str],
+) -> dict[str, EvalSet]:
+    """``eval_cfg.sets`` from the test splits: domain names (``law``, ..., ``general``) and ``two_domain``."""
+    sets: dict[str, EvalSet] = {}
+    for name in eval_cfg["sets"]:
+        if name == "two_domain":
+            records = two_domain_records(
+                data_cfg,
+                experts,
+                int(eval_cfg["two_domain"]["per_pair"]),
+                int(eval_cfg["two_domain"]["max_chars_per_part"]),
+            )
+            max_length = int(eval_cfg["two_domain"]["max_length"])
+        else:
+            records = load_domain_split(
+                data_cfg, str(name), "test", limit=eval_cfg.get("max_per_set")
+            )
+            max_length = int(data_cfg["max_length"])
+        examples = [encode_pair(tokenizer, r.instruction, r.response, max_length) for r in records]
+        sets[str(name)] = EvalSet(str(name), records, examples)
+    return sets
