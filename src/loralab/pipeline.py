@@ -91,7 +91,7 @@ def run_pipeline(cfg: DictConfig, experiment: str, user_overrides: Sequence[str]
             compose_stage("train_experts", experiment, user_overrides, out / "experts", extra)
         )
     if "router" in stages and (_retrain(cfg, "router") or not Path(cfg.router_dir).is_dir()):
-        from loralab.router_training import train_router
+        from loralab.routing import train_router
 
         train_router(compose_stage("train_router", experiment, user_overrides, out / "router"))
     if "moelora" in stages and (_retrain(cfg, "moelora") or not Path(cfg.moelora_dir).is_dir()):

@@ -34,10 +34,11 @@ def build_lightning_loggers(cfg: DictConfig, name: str | None = None) -> list[An
         kwargs: dict[str, Any] = {}
         if name is not None and key == "wandb":
             kwargs["name"] = f"{cfg.get('task_name', 'run')}-{name}"
-            kwargs["config"] = to_container(cfg)
         elif name is not None:
             kwargs["version"] = name  # <save_dir>/<logger name>/<run name>/
-        loggers.append(instantiate(lcfg, **kwargs))
+        logger = instantiate(lcfg, **kwargs)
+        logger.log_hyperparams(to_container(cfg))
+        loggers.append(logger)
     return loggers
 
 

@@ -1,0 +1,134 @@
+"""The main job end to end on the smoke experiment: every stage, every system, every output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SETS = ["law", "code", "medical", "general", "two_domain"]
+PLOTS = {"nll_by_set", "gap_recovery", "pareto", "router_confusion", "gate_usage", "gate_heatmaps"}
+
+
+def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(out), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "scripts/run_pipeline.py",
+            "experiment=smoke",
+            f"hydra.run.dir={out}",
+            f"paths.cache_dir={out}/cache",
+            *overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline")
+    proc = _run(out, "logger=wandb")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_pipeline_writes_every_output(smoke_run):
+    for path in (
+        "results.json",
+        "results.csv",
+        "report.md",
+        "experts/adapters/law/manifest.json",
+        "router/router",
+        "moelora/moelora",
+        "xlora/xlora/xlora_classifier.safetensors",
+    ):
+        assert (smoke_run / path).exists(), path
+    assert {p.stem for p in (smoke_run / "plots").glob("*.png")} == PLOTS
+    assert list((smoke_run / "wandb").glob("offline-run-*")), "W&B offline runs"
+
+
+def test_every_system_has_every_metric(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    systems = results["systems"]
+    assert systems == [
+        "base",
+        "expert_law",
+        "expert_code",
+        "expert_medical",
+        "oracle",
+        "merge_cat",
+        "merge_ties",
+        "router",
+        "router_soft",
+        "moelora",
+        "xlora",
+        "arrow",
+    ]
+    have = {(m["system"], m["set"], m["metric"]) for m in results["metrics"]}
+    for system in systems:
+        for s in SETS:
+            assert {(system, s, "nll"), (system, s, "ppl")} <= have, (system, s)
+            if s != "general":  # oracle == base there: recovery undefined
+                assert (system, s, "gap_recovery") in have
+        assert (system, "gen_code", "pass_rate") in have
+        assert {(system, "gen_law", "rougeL"), (system, "gen_medical", "rougeL")} <= have
+        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb"):
+            assert (system, "cost", metric) in have
+    nll = {(m["system"], m["set"]): m for m in results["metrics"] if m["metric"] == "nll"}
+    for (system, s), m in nll.items():
+        assert m["ci_low"] <= m["value"] <= m["ci_high"], (system, s)
+    # the oracle is the gold expert on single-domain sets and the better gold expert on pairs
+    for d in ("law", "code", "medical"):
+        assert nll["oracle", d]["value"] == pytest.approx(nll[f"expert_{d}", d]["value"])
+    assert nll["oracle", "general"]["value"] == pytest.approx(nll["base", "general"]["value"])
+    assert (
+        nll["oracle", "two_domain"]["value"]
+        <= min(nll[f"expert_{d}", "two_domain"]["value"] for d in ("law", "code", "medical")) + 1e-6
+    )
+    router = results["routing"]["router"]
+    assert router["labels"] == ["law", "code", "medical", "base"] and len(router["confusion"]) == 4
+    assert sum(map(sum, router["confusion"])) == sum(results["n_examples"][s] for s in SETS[:4])
+    usage = results["routing"]["moelora"]["gate_usage"]
+    assert set(usage) == set(SETS)
+    for weights in usage.values():
+        assert sum(weights.values()) == pytest.approx(1.0, abs=1e-4)
+    assert set(results["paired_tests"]["router_vs_moelora"]) == set(SETS)
+    assert results["git_commit"] and results["versions"]["torch"]
+    rows = (smoke_run / "results.csv").read_text().splitlines()
+    assert (
+        rows[0] == "system,set,metric,value,ci_low,ci_high"
+        and len(rows) == len(results["metrics"]) + 1
+    )
+
+
+def test_notebook_runs_on_the_smoke_results(smoke_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("LORALAB_RUN_DIR", str(smoke_run))
+    nb = nbformat.read(REPO / "notebooks" / "compare.ipynb", as_version=4)
+    NotebookClient(nb, timeout=180, kernel_name="python3").execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4
+
+
+def test_rerun_reuses_every_artifact(smoke_run):
+    artifacts = [
+        smoke_run / "experts/adapters/code/adapter_model.safetensors",
+        smoke_run / "xlora/xlora/xlora_classifier.safetensors",
+        *(smoke_run / "router/router").iterdir(),
+        *(smoke_run / "moelora/moelora").iterdir(),
+    ]
+    before = {p: p.stat().st_mtime_ns for p in artifacts}
+    proc = _run(smoke_run, "pipeline.stages=[experts,router,moelora,xlora]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in artifacts} == before
