@@ -1,0 +1,171 @@
+"""Classifier heads on frozen embeddings, run in plain numpy (fast, stateless, thread-safe).
+
+Heads are fitted with scikit-learn (imported lazily) and exported to arrays, so a saved router is
+arrays + JSON, never a pickled estimator. ``DescriptionPrior`` scores an embedding by its cosine
+similarity to a few natural-language descriptions of each label (zero-shot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+HEAD_KINDS = ("logreg", "mlp")
+
+
+class Head(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """``(n, dim)`` embeddings -> ``(n, n_labels)`` logits."""
+        ...
+
+    def tensors(self) -> dict[str, np.ndarray]: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """Multinomial logistic regression: ``logits = x @ weight.T + bias``."""
+
+    weight: np.ndarray  # (n_labels, dim)
+    bias: np.ndarray  # (n_labels,)
+    kind: str = "logreg"
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight.T + self.bias
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"head.weight": self.weight, "head.bias": self.bias}
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+@dataclass(frozen=True)
+class MLPHead:
+    """ReLU MLP: ``weights[i]`` is ``(in, out)`` as in scikit-learn's ``coefs_``."""
+
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    kind: str = "mlp"
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        h = x
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = h @ w + b
+            if i < len(self.weights) - 1:
+                h = np.maximum(h, 0.0)
+        return h
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            out[f"head.layers.{i}.weight"] = w
+            out[f"head.layers.{i}.bias"] = b
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "n_layers": len(self.weights)}
+
+
+def head_from_tensors(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Head:
+    """Rebuild a head saved by ``Head.tensors`` / ``Head.config``; KeyError names a missing array."""
+    kind = config.get("kind")
+    if kind == "logreg":
+        return LinearHead(np.asarray(tensors["head.weight"]), np.asarray(tensors["head.bias"]))
+    if kind == "mlp":
+        n = int(config["n_layers"])
+        ws = tuple(np.asarray(tensors[f"head.layers.{i}.weight"]) for i in range(n))
+        bs = tuple(np.asarray(tensors[f"head.layers.{i}.bias"]) for i in range(n))
+        return MLPHead(ws, bs)
+    raise ValueError(f"unknown head kind {kind!r}; expected one of {HEAD_KINDS}")
+
+
+def fit_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_labels: int,
+    kind: str = "logreg",
+    *,
+    c: float = 1.0,
+    hidden: Sequence[int] = (256,),
+    alpha: float = 1e-3,
+    max_iter: int = 300,
+    sample_weight: np.ndarray | None = None,
+    seed: int = 0,
+) -> Head:
+    """Fit a head on embeddings ``x`` ``(n, dim)`` and label ids ``y`` ``(n,)`` in ``[0, n_labels)``.
+
+    ``logreg``: L2-regularised multinomial logistic regression (``c`` = inverse strength), classes
+    weighted to balance. ``mlp``: scikit-learn MLP with ``hidden`` sizes and L2 ``alpha``.
+    """
+    present = np.unique(y)
+    if len(present) != n_labels:
+        raise ValueError(f"training labels cover {present.tolist()}, need all of 0..{n_labels - 1}")
+    if kind == "logreg":
+        from sklearn.linear_model import LogisticRegression
+
+        counts = np.bincount(y, minlength=n_labels).astype(np.float64)
+        balance = (len(y) / (n_labels * counts))[y]
+        w = balance if sample_weight is None else balance * sample_weight
+        lr = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+        lr.fit(x, y, sample_weight=w)
+        return LinearHead(lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32))
+    if kind == "mlp":
+        from sklearn.neural_network import MLPClassifier
+
+        mlp = MLPClassifier(
+            hidden_layer_sizes=tuple(hidden),
+            alpha=alpha,
+            max_iter=max_iter,
+            random_state=seed,
+            early_stopping=True,
+            n_iter_no_change=10,
+        )
+        mlp.fit(x, y)
+        ws = tuple(np.asarray(w, dtype=np.float32) for w in mlp.coefs_)
+        bs = tuple(np.asarray(b, dtype=np.float32) for b in mlp.intercepts_)
+        if ws[-1].shape[1] == 1:  # sklearn collapses two classes to one logit; never with >2
+            raise ValueError("the MLP head needs at least three labels")
+        return MLPHead(ws, bs)
+    raise ValueError(f"unknown head kind {kind!r}; expected one of {HEAD_KINDS}")
+
+
+@dataclass(frozen=True)
+class DescriptionPrior:
+    """Zero-shot logits: ``scale`` x the best cosine similarity to each label's descriptions.
+
+    ``embeddings`` ``(m, dim)`` unit rows; ``label_index`` ``(m,)`` the label id of each row.
+    """
+
+    embeddings: np.ndarray
+    label_index: np.ndarray
+    n_labels: int
+    scale: float = 20.0
+    _present: np.ndarray = field(init=False, repr=False, compare=False)  # label ids with rows
+    _starts: np.ndarray = field(init=False, repr=False, compare=False)  # first row of each
+
+    def __post_init__(self) -> None:
+        # Group rows by label once, so that scoring is one matmul and one maximum.reduceat.
+        order = np.argsort(self.label_index, kind="stable")
+        object.__setattr__(self, "embeddings", np.ascontiguousarray(self.embeddings[order]))
+        object.__setattr__(self, "label_index", np.ascontiguousarray(self.label_index[order]))
+        present, starts = np.unique(self.label_index, return_index=True)
+        object.__setattr__(self, "_present", present)
+        object.__setattr__(self, "_starts", starts)
+
+    def similarities(self, x: np.ndarray) -> np.ndarray:
+        """``(n, dim)`` -> ``(n, n_labels)`` best cosine to each label's descriptions (-1 if none)."""
+        out = np.full((x.shape[0], self.n_labels), -1.0, dtype=np.float32)
+        if len(self._present):
+            out[:, self._present] = np.maximum.reduceat(x @ self.embeddings.T, self._starts, axis=1)
+        return out
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.scale * self.similarities(x)

@@ -1,0 +1,145 @@
+"""Fit a ``Router`` from embedded training and validation sets.
+
+Train split: the head and the OOD prototypes. Validation split: the temperature and the abstention
+thresholds. Descriptions of each label become a zero-shot prior added to the head's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from router.calibration import fit_temperature, fit_thresholds
+from router.classifier import DescriptionPrior, fit_head
+from router.core import Router
+from router.encoders import Encoder
+from router.inputs import InputPolicy
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """``head``: ``logreg`` (``c``) or ``mlp`` (``hidden``, ``alpha``). ``prior_weight`` x
+    ``prior_scale`` x best cosine to a label's descriptions is added to its logit (0 = off).
+    Thresholds: ``target_coverage`` or ``max_risk`` (one of them) on validation expert
+    predictions; ``ood_quantile`` of validation OOD scores. ``prototypes_per_label`` k-means
+    centroids per label (0 = no OOD check)."""
+
+    head: str = "logreg"
+    c: float = 1.0
+    hidden: tuple[int, ...] = (256,)
+    alpha: float = 1e-3
+    max_iter: int = 300
+    prior_weight: float = 0.0
+    prior_scale: float = 20.0
+    calibrate: bool = True
+    target_coverage: float | None = None
+    max_risk: float | None = 0.02
+    ood_quantile: float = 0.002
+    prototypes_per_label: int = 32
+    seed: int = 0
+
+
+def description_prior(
+    encoder: Encoder, labels: Sequence[str], descriptions: Mapping[str, Sequence[str]], scale: float
+) -> DescriptionPrior:
+    """Embed each label's descriptions; every label needs at least one."""
+    texts, index = [], []
+    for k, label in enumerate(labels):
+        descs = [d for d in descriptions.get(label, []) if d.strip()]
+        if not descs:
+            raise ValueError(
+                f"no description for label {label!r}; descriptions cover {sorted(descriptions)}"
+            )
+        texts += descs
+        index += [k] * len(descs)
+    return DescriptionPrior(
+        encoder.encode(texts), np.asarray(index, dtype=np.int64), len(labels), scale
+    )
+
+
+def ood_prototypes(
+    x: np.ndarray, y: np.ndarray, n_labels: int, per_label: int, seed: int = 0
+) -> np.ndarray:
+    """``per_label`` k-means centroids of each label's embeddings, renormalised: ``(p, dim)``."""
+    from sklearn.cluster import KMeans
+
+    protos = []
+    for k in range(n_labels):
+        xk = x[y == k]
+        n = min(per_label, len(xk))
+        if n == 0:
+            continue
+        if n == len(xk):
+            centers = xk
+        else:
+            centers = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(xk).cluster_centers_
+        protos.append(centers / np.linalg.norm(centers, axis=1, keepdims=True))
+    return np.concatenate(protos).astype(np.float32)
+
+
+def fit_router(
+    encoder: Encoder,
+    labels: Sequence[str],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    descriptions: Mapping[str, Sequence[str]] | None = None,
+    sample_weight: np.ndarray | None = None,
+    policy: InputPolicy | None = None,
+    config: FitConfig | None = None,
+    base_label: str = "base",
+) -> Router:
+    """A calibrated router: head on ``x_train`` ``(n, dim)`` / ``y_train`` ``(n,)`` label ids,
+    temperature and thresholds on ``x_val`` / ``y_val``."""
+    cfg = config or FitConfig()
+    labels = tuple(labels)
+    head = fit_head(
+        x_train,
+        y_train,
+        len(labels),
+        cfg.head,
+        c=cfg.c,
+        hidden=cfg.hidden,
+        alpha=cfg.alpha,
+        max_iter=cfg.max_iter,
+        sample_weight=sample_weight,
+        seed=cfg.seed,
+    )
+    prior = None
+    if descriptions and cfg.prior_weight:
+        prior = description_prior(encoder, labels, descriptions, cfg.prior_scale)
+    prototypes = None
+    if cfg.prototypes_per_label > 0:
+        prototypes = ood_prototypes(
+            x_train, y_train, len(labels), cfg.prototypes_per_label, cfg.seed
+        )
+        if prior is not None:
+            prototypes = np.concatenate([prototypes, prior.embeddings]).astype(np.float32)
+    router = Router(
+        encoder=encoder,
+        labels=labels,
+        head=head,
+        policy=policy or InputPolicy(),
+        prior=prior,
+        prior_weight=cfg.prior_weight if prior is not None else 0.0,
+        prototypes=prototypes,
+        descriptions={k: list(v) for k, v in (descriptions or {}).items()},
+        base_label=base_label,
+    )
+    if cfg.calibrate:
+        router.temperature = fit_temperature(router.logits(x_val), y_val)
+    scores = router.scores(x_val)
+    router.thresholds = fit_thresholds(
+        scores.probs,
+        y_val,
+        router.labels.index(base_label),
+        scores.ood,
+        target_coverage=cfg.target_coverage,
+        max_risk=cfg.max_risk,
+        ood_quantile=cfg.ood_quantile,
+    )
+    return router

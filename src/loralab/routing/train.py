@@ -1,0 +1,309 @@
+"""``train_router(cfg)``: fit, evaluate, compare with baselines, save and log the request router.
+
+Train split -> the classifier head and OOD prototypes; val split -> temperature and abstention
+thresholds; test split -> in-distribution metrics; out-of-style check set and the hand-written
+probe set -> robustness metrics. Writes ``<run dir>/router/`` (the saved router) and
+``<run dir>/router_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from loralab.config import to_container
+from loralab.data.records import default_data_root, file_sha256
+from loralab.io_utils import atomic_write_json
+from loralab.routing.datasets import (
+    Example,
+    out_of_style_examples,
+    read_label_records,
+    split_examples,
+)
+from loralab.routing.evaluate import (
+    batch_throughput,
+    evaluate_router,
+    measure_latency,
+    nearest_centroid_predict,
+    zero_shot_predict,
+)
+from loralab.routing.probes import probe_items
+from loralab.tracking import Tracker
+from router import InputPolicy, build_encoder
+from router.classifier import fit_head
+from router.encoders import Encoder
+from router.fitting import FitConfig, description_prior, fit_router
+
+log = logging.getLogger(__name__)
+
+
+def cached_encode(
+    encoder: Encoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int
+) -> np.ndarray:
+    """Embeddings of ``texts``, cached in ``cache_dir`` under a hash of (encoder, texts)."""
+    if cache_dir is None:
+        return encoder.encode(texts, batch_size=batch_size)
+    h = hashlib.sha256(json.dumps(encoder.fingerprint(), sort_keys=True).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "replace") + b"\0")
+    path = cache_dir / f"{h.hexdigest()[:24]}.npy"
+    if path.is_file():
+        try:
+            x = np.load(path, allow_pickle=False)
+            if x.shape == (len(texts), encoder.dim):
+                return x
+        except (OSError, ValueError) as e:  # a damaged cache file is re-encoded, never trusted
+            log.warning("ignoring unreadable embedding cache %s (%s)", path, e)
+    t0 = time.perf_counter()
+    x = encoder.encode(texts, batch_size=batch_size)
+    log.info("encoded %d texts in %.1fs", len(texts), time.perf_counter() - t0)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{time.time_ns()}.tmp.npy")
+    np.save(tmp, x)
+    tmp.replace(path)
+    return x
+
+
+def _embed(
+    encoder: Encoder,
+    examples: Sequence[Example],
+    labels: Sequence[str],
+    cache: Path | None,
+    batch: int,
+) -> tuple[np.ndarray, np.ndarray, list[Example]]:
+    """Embeddings ``(n, dim)``, label ids ``(n,)`` and the examples in row order (label by label;
+    cached per label, so changing one label's cap re-encodes only that label)."""
+    xs, ys, rows = [], [], []
+    for k, label in enumerate(labels):
+        chunk = [e for e in examples if e.label == label]
+        if chunk:
+            xs.append(cached_encode(encoder, [e.text for e in chunk], cache, batch))
+            ys.append(np.full(len(chunk), k))
+            rows += chunk
+    return np.concatenate(xs), np.concatenate(ys), rows
+
+
+def fit_config(rcfg: DictConfig) -> FitConfig:
+    a = rcfg.abstention
+    return FitConfig(
+        head=rcfg.head.kind,
+        c=float(rcfg.head.c),
+        hidden=tuple(rcfg.head.hidden),
+        alpha=float(rcfg.head.alpha),
+        max_iter=int(rcfg.head.max_iter),
+        prior_weight=float(rcfg.prior.weight),
+        prior_scale=float(rcfg.prior.scale),
+        calibrate=bool(rcfg.calibrate),
+        target_coverage=None if a.mode == "max_risk" else float(a.target_coverage),
+        max_risk=float(a.max_risk) if a.mode == "max_risk" else None,
+        ood_quantile=float(a.ood_quantile),
+        prototypes_per_label=int(rcfg.ood_prototypes_per_label),
+        seed=int(rcfg.get("seed", 0)),
+    )
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float((pred == y).mean()) if len(y) else 0.0
+
+
+def build_examples(
+    cfg: DictConfig, root: Path
+) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
+    """Train and val examples, and the evaluation sets ``test``, ``out_of_style`` (and ``probe``)."""
+    d = cfg.router.data
+    records = read_label_records(root, cfg.data.files)
+    heldout = list(d.heldout_groups)
+
+    def split(name: str, cap: Any, views: Sequence[str] = ("instruction",)) -> list[Example]:
+        if isinstance(cap, DictConfig):
+            cap = {str(k): v for k, v in cap.items()}
+        return split_examples(
+            records,
+            name,
+            float(cfg.data.val_fraction),
+            float(cfg.data.test_fraction),
+            cap,
+            views=views,
+            min_response_chars=int(d.min_response_chars),
+            exclude_groups=heldout,
+        )
+
+    sets = {
+        "test": split("test", d.max_test_per_label),
+        "out_of_style": out_of_style_examples(root, records, heldout, d.max_check_per_group),
+    }
+    if d.probe_set:
+        sets["probe"] = [Example(t, label, f"probe/{label}", "probe") for t, label in probe_items()]
+    return (
+        split("train", d.max_train_per_label, list(d.views)),
+        split("val", d.max_val_per_label),
+        sets,
+    )
+
+
+def train_router(cfg: DictConfig) -> dict[str, Any]:
+    """Train, evaluate and save the router described by ``cfg.router`` on ``cfg.data``."""
+    rcfg = cfg.router
+    labels = tuple(rcfg.labels)
+    out_dir = Path(cfg.paths.output_dir)
+    root = Path(cfg.data.root) if cfg.data.get("root") else default_data_root()
+    cache = Path(cfg.paths.cache_dir) / "router_embeddings" if rcfg.cache_embeddings else None
+    batch = int(rcfg.encode_batch_size)
+    t_start = time.perf_counter()
+
+    train, val, sets = build_examples(cfg, root)
+    log.info(
+        "router examples: train %d, val %d, %s",
+        len(train),
+        len(val),
+        ", ".join(f"{k} {len(v)}" for k, v in sets.items()),
+    )
+    encoder = build_encoder(OmegaConf.to_container(rcfg.encoder, resolve=True))  # type: ignore[arg-type]
+    x_train, y_train, train = _embed(encoder, train, labels, cache, batch)
+    x_val, y_val, _ = _embed(encoder, val, labels, cache, batch)
+    embedded = {}
+    for name, examples in sets.items():
+        x, y, rows = _embed(encoder, examples, labels, cache, batch)
+        groups = [_coarse_group(e.group) if name == "test" else e.group for e in rows]
+        embedded[name] = (x, y, groups)
+    t_encoded = time.perf_counter()
+
+    view_weight = {str(k): float(v) for k, v in rcfg.view_weights.items()}
+    weights = np.array([view_weight.get(e.view, 1.0) for e in train])
+    policy = InputPolicy(**OmegaConf.to_container(rcfg.policy, resolve=True))  # type: ignore[arg-type]
+    descriptions = {k: list(v) for k, v in rcfg.descriptions.items()}
+    fcfg = fit_config(rcfg)
+    router = fit_router(
+        encoder,
+        labels,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        descriptions=descriptions,
+        sample_weight=weights,
+        policy=policy,
+        config=fcfg,
+    )
+    # Baseline: the same logistic regression on instructions only, no prior, no abstention.
+    only = np.array([e.view == "instruction" for e in train])
+    plain = fit_head(
+        x_train[only],
+        y_train[only],
+        len(labels),
+        fcfg.head,
+        c=fcfg.c,
+        hidden=fcfg.hidden,
+        alpha=fcfg.alpha,
+        max_iter=fcfg.max_iter,
+        seed=fcfg.seed,
+    )
+    prior = router.prior or description_prior(encoder, labels, descriptions, fcfg.prior_scale)
+    t_fitted = time.perf_counter()
+
+    metrics: dict[str, Any] = {"labels": list(labels), "sets": {}, "baselines": {}}
+    for name, (x, y, groups) in embedded.items():
+        metrics["sets"][name] = evaluate_router(router, x, y, groups)
+        metrics["baselines"][name] = {
+            "logreg_plain": _accuracy(plain.logits(x).argmax(axis=1), y),
+            "nearest_centroid": _accuracy(
+                nearest_centroid_predict(x_train, y_train, len(labels), x), y
+            ),
+            "zero_shot_descriptions": _accuracy(zero_shot_predict(prior, x), y),
+        }
+    requests = [e.text for e in _spread_examples(sets["test"], int(rcfg.latency_requests))]
+    metrics["latency"] = {
+        **measure_latency(router, requests),
+        "batch_rps": batch_throughput(router, requests, batch),
+    }
+    metrics["router"] = {
+        "temperature": router.temperature,
+        "thresholds": router.thresholds.to_dict(),
+        "n_train": len(train),
+        "n_val": len(val),
+        "encoder": encoder.fingerprint(),
+    }
+    metrics["timing_s"] = {
+        "encode": t_encoded - t_start,
+        "fit": t_fitted - t_encoded,
+        "evaluate": time.perf_counter() - t_fitted,
+    }
+    metrics["data"] = {
+        "root": str(root),
+        "files_sha256": {k: file_sha256(root / v) for k, v in cfg.data.files.items()},
+        "heldout_groups": list(rcfg.data.heldout_groups),
+    }
+    router_dir = out_dir / "router"
+    summary = _summary(metrics)
+    version = router.save(router_dir, extra={"config": to_container(rcfg), "summary": summary})
+    metrics["model_version"] = version
+    metrics["router_dir"] = str(router_dir)
+    atomic_write_json(out_dir / "router_metrics.json", metrics)
+    _log(cfg, metrics)
+    log.info("router %s saved to %s: %s", version, router_dir, json.dumps(summary))
+    return {"router_dir": str(router_dir), "model_version": version, "metrics": metrics}
+
+
+def _coarse_group(group: str) -> str:
+    """``legalbench/<task>`` -> ``legalbench`` (128 tasks would make the test table unreadable)."""
+    return group.split("/")[0] if group.startswith("legalbench/") else group
+
+
+def _spread_examples(examples: Sequence[Example], n: int) -> list[Example]:
+    step = max(1, len(examples) // max(1, n))
+    return list(examples[::step])[:n]
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for name, rep in metrics["sets"].items():
+        out[f"{name}/accuracy"] = rep["accuracy"]
+        out[f"{name}/accuracy_before_abstention"] = rep["accuracy_before_abstention"]
+        out[f"{name}/abstention_rate"] = rep["abstention_rate"]
+        for base, acc in metrics["baselines"][name].items():
+            out[f"{name}/baseline/{base}"] = acc
+    out["test/ece"] = metrics["sets"]["test"]["ece"]
+    for k in ("p50_ms", "p99_ms", "overhead_ratio", "batch_rps"):
+        if k in metrics.get("latency", {}):
+            out[f"latency/{k}"] = metrics["latency"][k]
+    return out
+
+
+def _log(cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    labels = metrics["labels"]
+    with Tracker.from_config(cfg, name="router") as tracker:
+        tracker.log_metrics(_summary(metrics))
+        for name, rep in metrics["sets"].items():
+            cm = rep["confusion_matrix"]
+            tracker.log_table(
+                f"{name}/confusion_matrix",
+                ["true \\ predicted", *labels],
+                [[labels[i], *row] for i, row in enumerate(cm)],
+            )
+            tracker.log_table(
+                f"{name}/per_label",
+                ["label", "precision", "recall", "f1", "support"],
+                [
+                    [k, v["precision"], v["recall"], v["f1"], v["support"]]
+                    for k, v in rep["per_label"].items()
+                ],
+            )
+            tracker.log_table(
+                f"{name}/coverage_risk",
+                ["coverage", "risk", "threshold"],
+                [[p["coverage"], p["risk"], p["threshold"]] for p in rep["coverage_risk"]],
+            )
+            tracker.log_table(
+                f"{name}/per_group",
+                ["group", "accuracy", "n"],
+                [[g, v["accuracy"], v["n"]] for g, v in rep["per_group_accuracy"].items()],
+            )
+        tracker.log_summary({**_summary(metrics), "model_version": metrics["model_version"]})

@@ -1,0 +1,102 @@
+"""Shared test inputs: a toy corpus whose labels the hashing encoder separates by vocabulary.
+
+Importable from the tests because pytest puts this folder on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from router import HashingEncoder
+
+LABELS = ("law", "code", "medical", "base")
+VOCAB = {
+    "law": [
+        "court",
+        "statute",
+        "contract",
+        "plaintiff",
+        "defendant",
+        "tenant",
+        "lease",
+        "breach",
+        "liability",
+        "judge",
+        "appeal",
+        "tort",
+    ],
+    "code": [
+        "python",
+        "function",
+        "array",
+        "loop",
+        "compile",
+        "class",
+        "bug",
+        "recursion",
+        "string",
+        "integer",
+        "sort",
+        "algorithm",
+    ],
+    "medical": [
+        "patient",
+        "symptoms",
+        "fever",
+        "diagnosis",
+        "treatment",
+        "dose",
+        "insulin",
+        "tumor",
+        "infection",
+        "cardiac",
+        "pain",
+    ],
+    "base": [
+        "capital",
+        "poem",
+        "recipe",
+        "garden",
+        "holiday",
+        "movie",
+        "travel",
+        "football",
+        "painting",
+        "music",
+        "river",
+        "mountain",
+    ],
+}
+FILLER = ["the", "a", "of", "what", "how", "is", "about", "please", "explain"]
+DESCRIPTIONS = {
+    "law": ["a question about a court case, a statute or a contract"],
+    "code": ["a programming question about a python function or an algorithm"],
+    "medical": ["a medical question about a patient, symptoms and treatment"],
+    "base": ["a general question about travel, music, movies or a recipe"],
+}
+QUESTIONS = {
+    "law": "the plaintiff sued the defendant in court for breach of the lease contract",
+    "code": "fix the bug in this python function that sorts an integer array with recursion",
+    "medical": "the patient has fever and cardiac pain, what diagnosis and treatment dose",
+    "base": "suggest a holiday travel plan with a mountain river and a movie",
+}
+
+
+def toy_texts(label: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(f"{label}-{seed}")
+    words = VOCAB[label] + FILLER
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) for _ in range(n)]
+
+
+def toy_split(
+    encoder: HashingEncoder, n_per_label: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings ``(4 n, dim)`` and label ids of ``n_per_label`` toy texts per label."""
+    texts: list[str] = []
+    y: list[int] = []
+    for k, label in enumerate(LABELS):
+        texts += toy_texts(label, n_per_label, seed)
+        y += [k] * n_per_label
+    return encoder.encode(texts), np.asarray(y)
