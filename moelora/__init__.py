@@ -1,0 +1,36 @@
+"""Token-level MoE-LoRA: a trained gate mixes frozen LoRA experts per token and per layer.
+
+Pure torch + safetensors; reads PEFT adapter folders directly. See model.MoELoraModel.
+"""
+
+from moelora.config import AuxLossConfig, GateConfig, MoELoraConfig
+from moelora.experts import ExpertAdapter, ExpertError, ExpertInfo, read_expert
+from moelora.gate import Gate, Routing, route
+from moelora.io import GateFileError, load_gate, load_moelora, read_gate_metadata, save_gate
+from moelora.layer import MoELoraLinear
+from moelora.losses import AuxLosses, GateTrace, aux_losses, expert_usage
+from moelora.model import MoELoraModel
+
+__all__ = [
+    "AuxLossConfig",
+    "AuxLosses",
+    "ExpertAdapter",
+    "ExpertError",
+    "ExpertInfo",
+    "Gate",
+    "GateConfig",
+    "GateFileError",
+    "GateTrace",
+    "MoELoraConfig",
+    "MoELoraLinear",
+    "MoELoraModel",
+    "Routing",
+    "aux_losses",
+    "expert_usage",
+    "load_gate",
+    "load_moelora",
+    "read_expert",
+    "read_gate_metadata",
+    "route",
+    "save_gate",
+]

@@ -1,0 +1,88 @@
+"""The gating network and the routing rule (softmax with temperature, top-k, noise)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelora.config import GateConfig
+
+
+class Gate(nn.Module):
+    """Maps a layer's input to one logit per slot (experts, then the optional "no expert").
+
+    linear: proj (in -> slots). mlp: proj (in -> hidden), SiLU, head (hidden -> slots).
+    With normalize_input the input is RMS-normalised first; that is applied after the matmul as a
+    per-token scale, W (x / rms(x)) = (W x) / rms(x), so x is read once more, not rewritten.
+    Shapes: x [T, in_features] -> logits [T, num_slots].
+    """
+
+    def __init__(self, in_features: int, num_slots: int, config: GateConfig) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.num_slots = num_slots
+        self.normalize_input = config.normalize_input
+        mlp = config.kind == "mlp"
+        self.proj = nn.Linear(in_features, config.hidden_size if mlp else num_slots)
+        self.head = (
+            nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, num_slots)) if mlp else None
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=config.init_std)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The gate may be kept in float32 over a bfloat16 model; run it in its own dtype.
+        x = x.to(self.proj.weight.dtype)
+        if self.normalize_input:
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)
+            hidden = torch.addcdiv(
+                self.proj.bias, F.linear(x, self.proj.weight), norm, value=self.in_features**0.5
+            )
+        else:
+            hidden = self.proj(x)
+        return hidden if self.head is None else self.head(hidden)
+
+
+@dataclass
+class Routing:
+    """Per-token routing of one layer. T = tokens, S = slots, k = top_k.
+
+    logits [T, S] (before noise), probs [T, S] (softmax over all slots, float32),
+    weights [T, S] (what is applied: probs, or the renormalised top-k with zeros elsewhere),
+    top_index / top_weight [T, k] when top-k is on, else None.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    weights: torch.Tensor
+    top_index: torch.Tensor | None
+    top_weight: torch.Tensor | None
+
+
+def route(logits: torch.Tensor, config: GateConfig, training: bool) -> Routing:
+    """Turn gate logits [T, S] into routing weights (float32)."""
+    noisy = logits.float()
+    if training and config.noise_std > 0:
+        noisy = noisy + torch.randn_like(noisy) * config.noise_std
+    if config.temperature != 1.0:
+        noisy = noisy / config.temperature
+    probs = torch.softmax(noisy, dim=-1)
+    if config.top_k is None:
+        return Routing(logits, probs, probs, None, None)
+    k = min(config.top_k, probs.shape[-1])
+    top_weight, top_index = probs.topk(k, dim=-1)
+    top_weight = top_weight / top_weight.sum(-1, keepdim=True)
+    weights = torch.zeros_like(probs).scatter(-1, top_index, top_weight)
+    return Routing(logits, probs, weights, top_index, top_weight)
+
+
+def fixed_routing(weights: torch.Tensor, num_tokens: int, logits_dtype: torch.dtype) -> Routing:
+    """Routing that applies the same slot weights [S] to every token (for ablations and tests)."""
+    expanded = weights.float().expand(num_tokens, -1)
+    logits = torch.zeros(expanded.shape, dtype=logits_dtype, device=weights.device)
+    return Routing(logits, expanded, expanded, None, None)
