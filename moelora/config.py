@@ -36,6 +36,11 @@ class GateConfig:
     normalize_input: bool = True
     init_std: float = 0.02
 
+    def structure(self) -> tuple[object, ...]:
+        """The fields that shape the gate's weights and function; the rest (temperature, top_k,
+        noise, init) are routing choices that a trained gate can be used with."""
+        return (self.kind, self.scope, self.hidden_size, self.null_expert, self.normalize_input)
+
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "mlp"):
             raise ValueError(f"gate.kind must be 'linear' or 'mlp', got {self.kind!r}")

@@ -102,10 +102,11 @@ def load_gate(model: MoELoraModel, directory: str | Path) -> None:
             f"{where}: gate was trained over experts {saved_experts} (name, adapter sha256) but "
             f"the model has {model_experts}; an adapter file changed or the experts differ"
         )
-    if MoELoraConfig.from_dict(saved["config"]).gate != model.config.gate:
+    if MoELoraConfig.from_dict(saved["config"]).gate.structure() != model.config.gate.structure():
         raise GateFileError(
-            f"{where}: field 'config.gate' {saved['config']['gate']} differs from the model's "
-            f"gate config {current['config']['gate']}"
+            f"{where}: field 'config.gate' {saved['config']['gate']} does not fit the model's "
+            f"gate config {current['config']['gate']} (kind, scope, hidden_size, null_expert, "
+            "normalize_input must match)"
         )
     if saved["modules"] != current["modules"]:
         raise GateFileError(f"{where}: field 'modules' differs from the model's wrapped modules")

@@ -11,7 +11,7 @@ B * (N - 1) / (time of generate(N) - time of generate(1)), greedy, with the KV c
 method allows it (PEFT X-LoRA turns it off). Gate training = forward + backward + AdamW step over
 the trainable parameters (the MoE-LoRA gates, the X-LoRA classifier). Peak memory: max allocated
 CUDA memory, or on CPU the process's peak RSS (same base model loaded in every process).
-Times are medians of --repeats after one warmup: wall clock on CUDA; on CPU the process's CPU
+Times are the best of --repeats after one warmup: wall clock on CUDA; on CPU the process's CPU
 time with one thread (robust to other jobs on a shared machine). The last line is a JSON summary.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="default: 2 on CPU, 8 on CUDA")
     p.add_argument("--prompt-len", type=int, help="default: 64 on CPU, 512 on CUDA")
     p.add_argument("--new-tokens", type=int, help="default: 16 on CPU, 256 on CUDA")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median) after a warmup")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best of) after a warmup")
     p.add_argument("--train-steps", type=int, default=3, help="timed gate-training steps")
+    p.add_argument("--rounds", type=int, default=1, help="repeat all methods, keep each's best")
     p.add_argument("--top-k", type=int, default=2, help="k of the MoE-LoRA top-k variant")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--compile", action="store_true", help="torch.compile base and MoE-LoRA models")
@@ -79,10 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``repeats`` calls after one warmup call.
+    """Best (minimum) seconds of ``repeats`` calls after one warmup call.
 
     CUDA: wall clock after a synchronize. CPU: this process's CPU time (one thread), which other
-    jobs on a shared machine do not inflate the way they inflate wall-clock time.
+    jobs on a shared machine inflate much less than wall-clock time; the minimum drops the rest.
     """
     cuda = device.type == "cuda"
     clock = time.perf_counter if cuda else time.process_time
@@ -96,7 +96,7 @@ def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
         if cuda:
             torch.cuda.synchronize()
         times.append(clock() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -300,11 +300,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     forwarded = [a for a in argv if a != "--random-experts"]
 
     results: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        results[method] = spawn(args, forwarded, method, "infer")
-        if method in TRAINABLE:
-            results[method].update(spawn(args, forwarded, method, "train"))
-        print(f"{method:14s} {results[method]}", flush=True)
+    for round_index in range(args.rounds):  # rounds interleave methods; keep each one's best
+        for method in methods:
+            row = spawn(args, forwarded, method, "infer")
+            if method in TRAINABLE:
+                row.update(spawn(args, forwarded, method, "train"))
+            best = results.setdefault(method, row)
+            for key, value in row.items():
+                if key.endswith("_tok_s") and isinstance(value, float):
+                    best[key] = max(value, best.get(key) or 0.0)
+            print(f"round {round_index + 1} {method:14s} {row}", flush=True)
     workdir.cleanup()
 
     def get(method: str, key: str) -> float | None:
@@ -322,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "new_tokens": args.new_tokens,
         "top_k": args.top_k,
         "compiled": args.compile,
+        "rounds": args.rounds,
         "results": results,
         "prefill_ratio_vs_base": ratio(
             get("moelora_dense", "prefill_tok_s"), get("base", "prefill_tok_s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,19 @@ def test_load_can_switch_compute_path(
         torch.testing.assert_close(
             topk(input_ids=tokens).logits, model(input_ids=tokens).logits, atol=1e-5, rtol=0
         )
+
+
+def test_routing_options_may_differ_from_training(
+    saved: tuple[MoELoraModel, Path],
+    expert_dirs: dict[str, Path],
+    base_factory: Callable[[], torch.nn.Module],
+) -> None:
+    model, folder = saved
+    sharper = MoELoraConfig(gate=replace(CONFIG.gate, top_k=1, temperature=0.5))
+    other = MoELoraModel.from_adapters(base_factory(), expert_dirs, sharper)
+    load_gate(other, folder)
+    for key, value in model.gate_state_dict().items():
+        assert torch.equal(other.gate_state_dict()[key], value)
 
 
 def test_missing_or_malformed_metadata(
