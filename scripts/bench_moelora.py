@@ -172,7 +172,9 @@ def moelora_config(args: argparse.Namespace, sparse: bool) -> MoELoraConfig:
 
 
 def build_method(name: str, base: Any, experts: dict[str, Path], args: argparse.Namespace) -> Any:
-    from peft import ArrowConfig, PeftModel, XLoraConfig, create_arrow_model, get_peft_model
+    from peft import PeftModel
+
+    from loralab.evaluation.baselines import build_arrow, build_xlora
 
     first = str(experts[DOMAINS[0]])
     if name == "base":
@@ -189,19 +191,9 @@ def build_method(name: str, base: Any, experts: dict[str, Path], args: argparse.
             load_gate(moe, args.gate_dir)
         model = moe
     elif name == "xlora":
-        base.config.use_cache = False  # X-LoRA refuses a model with the cache on
-        config = XLoraConfig(
-            task_type="CAUSAL_LM",
-            hidden_size=base.config.hidden_size,
-            # peft's X-LoRA raises KeyError with named adapters; "0", "1", ... work.
-            adapters={str(i): str(p) for i, p in enumerate(experts.values())},
-            xlora_depth=1,
-            layerwise_scalings=True,
-        )
-        model = get_peft_model(base, config)
+        model = build_xlora(base, experts)
     elif name == "arrow":
-        paths = [str(p) for p in experts.values()]
-        model = create_arrow_model(base, paths, ArrowConfig(top_k=args.top_k))
+        model = build_arrow(base, experts, top_k=args.top_k)
     else:
         raise ValueError(f"unknown method {name!r}; known: {list(METHODS)}")
     if args.compile and name in ("base", "moelora_dense", "moelora_topk"):
@@ -287,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fingerprint = weights_fingerprint(base)
         make_random_experts(base, DOMAINS, workdir.name, fingerprint, str(base_cfg.name))
         args.experts_dir = Path(workdir.name)
-        source = "random experts (random A and B, r16, all linear layers) on the real base"
+        source = "random experts (random A and B, r16, all linear layers) on the base model"
     else:
         args.experts_dir = args.experts_dir or find_expert_dirs(ROOT)
         if args.experts_dir is None:
