@@ -1,5 +1,7 @@
 """The evaluation harness: systems' exactness, the two-domain set, sandboxed code checks."""
 
+import time
+
 import pytest
 import torch
 
@@ -110,3 +112,89 @@ def test_run_checks_pass_fail_and_timeout():
     assert not run_checks("x = bytearray(8 << 30)", ["assert True"])  # memory limit
     assert extract_code("Here:\n```python\nprint(1)\n```\nDone") == "print(1)\n"
     assert extract_code("print(2)") == "print(2)"
+
+
+def test_xlora_classifier_is_bound_to_its_experts_and_base(smoke_experts, tmp_path):
+    from loralab.artifacts import AdapterVerificationError
+    from loralab.evaluation.baselines import (
+        XLORA_CLASSIFIER_FILE,
+        build_xlora,
+        load_xlora_classifier,
+        save_xlora_classifier,
+        xlora_classifier_state,
+    )
+
+    cfg, fingerprint = smoke_experts["cfg"], smoke_experts["base_fingerprint"]
+    adapters = dict(smoke_experts["adapters"])
+    trained = build_xlora(load_base_model(cfg.base_model)[0], adapters)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    save_xlora_classifier(trained, tmp_path, adapters, fingerprint, {"val/loss": 1.5})
+
+    fresh = build_xlora(load_base_model(cfg.base_model)[0], adapters)
+    manifest = load_xlora_classifier(fresh, tmp_path, adapters, fingerprint)
+    assert manifest["metrics"] == {"val/loss": 1.5}
+    assert [e["name"] for e in manifest["experts"]] == EXPERTS
+    for name, value in xlora_classifier_state(trained).items():
+        assert torch.equal(xlora_classifier_state(fresh)[name], value)
+
+    reordered = {d: adapters[d] for d in reversed(EXPERTS)}
+    with pytest.raises(AdapterVerificationError, match="field 'experts'"):
+        load_xlora_classifier(fresh, tmp_path, reordered, fingerprint)
+    with pytest.raises(AdapterVerificationError, match="base_fingerprint"):
+        load_xlora_classifier(fresh, tmp_path, adapters, "0" * 64)
+    with (tmp_path / XLORA_CLASSIFIER_FILE).open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(AdapterVerificationError, match="sha256"):
+        load_xlora_classifier(fresh, tmp_path, adapters, fingerprint)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(AdapterVerificationError, match="not a complete X-LoRA classifier"):
+        load_xlora_classifier(fresh, tmp_path, adapters, fingerprint)
+
+
+def test_request_level_results_are_shared_across_systems_without_changing_them(
+    smoke_experts, bank, tmp_path
+):
+    from loralab.evaluation.harness import score_set
+    from loralab.evaluation.sets import build_eval_sets
+    from tests.conftest import compose
+
+    model, _ = bank
+    cfg = compose("evaluate", ["experiment=smoke"], tmp_path)
+    _, tok = load_base_model(cfg.base_model)
+    sets = build_eval_sets(cfg.data, cfg.eval, tok, EXPERTS)
+    oracle = RequestLevelSystem("oracle", model, lambda r: gold_choice(r, EXPERTS))
+    soft = RequestLevelSystem("soft", model, lambda r: {"law": 0.5, "code": 0.5})
+    device = torch.device("cpu")
+    memo: dict = {}
+    for d in EXPERTS:
+        expert = RequestLevelSystem(d, model, lambda r, d=d: d)
+        for s in sets.values():
+            score_set(expert, s, 4, tok.pad_token_id, device, memo)
+    assert len(memo) == 3 * sum(len(s.records) for s in sets.values())
+    for name in ("law", "two_domain"):  # one adapter per request; best of two per pair
+        fresh = score_set(oracle, sets[name], 4, tok.pad_token_id, device)
+        shared = score_set(oracle, sets[name], 4, tok.pad_token_id, device, memo)
+        assert shared["n_tokens"] == fresh["n_tokens"]
+        assert shared["nll_sum"] == pytest.approx(fresh["nll_sum"], rel=1e-5)
+    size = len(memo)
+    score_set(soft, sets["law"], 4, tok.pad_token_id, device, memo)  # a mixture: never shared
+    assert len(memo) == size
+
+
+def test_peak_memory_counts_tensors_allocated_in_the_block_even_after_freed_pages():
+    from loralab.evaluation.cost import PeakMemory
+
+    cpu = torch.device("cpu")
+    warm = torch.ones(50 * 2**20 // 4)  # 50 MiB allocated and freed before: reused pages
+    del warm
+    with PeakMemory(cpu) as memory:
+        x = torch.ones(50 * 2**20 // 4)
+        time.sleep(0.05)
+        del x
+    assert 45 <= memory.mib <= 80
+    with PeakMemory(cpu) as idle:
+        time.sleep(0.02)
+    assert idle.mib < 5

@@ -7,6 +7,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -391,11 +392,19 @@ def test_notebook_default_run_dir_is_newest_pipeline_run(tmp_path: Path) -> None
         os.utime(run / "results.json", (mtime, mtime))
     (tmp_path / "outputs" / "run_pipeline" / "2026-01-03_unfinished").mkdir()  # no results.json
     (tmp_path / "pyproject.toml").write_text("")
+    committed = tmp_path / "notebooks" / "results" / "quick_cpu"
+    committed.mkdir(parents=True)
+    (committed / "results.json").write_text("{}")
     found = namespace["find_run_dir"](env={}, start=tmp_path / "notebooks")
-    assert found.name == "2026-01-02_00-00-00"
+    assert found.name == "2026-01-02_00-00-00"  # a run of one's own wins over the committed one
     assert namespace["find_run_dir"](env={"LORALAB_RUN_DIR": "/x"}, start=tmp_path) == Path("/x")
     with pytest.raises(FileNotFoundError, match="set LORALAB_RUN_DIR"):
         namespace["find_run_dir"](env={}, start=tmp_path.parent)
+    shutil.rmtree(tmp_path / "outputs")
+    assert namespace["find_run_dir"](env={}, start=tmp_path) == committed
+    (committed / "results.json").unlink()
+    with pytest.raises(FileNotFoundError, match="run scripts/run_pipeline"):
+        namespace["find_run_dir"](env={}, start=tmp_path)
 
 
 def test_plot_domains_match_the_data_module() -> None:

@@ -49,6 +49,7 @@ def test_pipeline_writes_every_output(smoke_run):
         "router/router",
         "moelora/moelora",
         "xlora/xlora/xlora_classifier.safetensors",
+        "xlora/xlora/manifest.json",
     ):
         assert (smoke_run / path).exists(), path
     assert {p.stem for p in (smoke_run / "plots").glob("*.png")} == PLOTS
@@ -82,6 +83,13 @@ def test_every_system_has_every_metric(smoke_run):
         assert {(system, "gen_law", "rougeL"), (system, "gen_medical", "rougeL")} <= have
         for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb"):
             assert (system, "cost", metric) in have
+        replies = results["generations"][system]
+        assert set(replies) == {"gen_code", "gen_law", "gen_medical"}
+        assert all(isinstance(r["reply"], str) and 0 <= r["score"] <= 1 for r in replies["gen_law"])
+    assert results["experiment"] == "smoke"
+    # the router and the oracle reuse the single experts' results where they pick one
+    by = {(m["system"], m["set"], m["metric"]): m["value"] for m in results["metrics"]}
+    assert by[("oracle", "law", "nll")] == by[("expert_law", "law", "nll")]
     nll = {(m["system"], m["set"]): m for m in results["metrics"] if m["metric"] == "nll"}
     for (system, s), m in nll.items():
         assert m["ci_low"] <= m["value"] <= m["ci_high"], (system, s)
@@ -124,7 +132,7 @@ def test_notebook_runs_on_the_smoke_results(smoke_run, monkeypatch):
 def test_rerun_reuses_every_artifact(smoke_run):
     artifacts = [
         smoke_run / "experts/adapters/code/adapter_model.safetensors",
-        smoke_run / "xlora/xlora/xlora_classifier.safetensors",
+        *(smoke_run / "xlora/xlora").iterdir(),
         *(smoke_run / "router/router").iterdir(),
         *(smoke_run / "moelora/moelora").iterdir(),
     ]

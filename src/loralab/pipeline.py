@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from loralab.evaluation.baselines import XLORA_CLASSIFIER_FILE
+from loralab.evaluation.baselines import XLORA_MANIFEST_FILE
 from loralab.evaluation.harness import evaluate
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def run_pipeline(cfg: DictConfig, experiment: str, user_overrides: Sequence[str]
             compose_stage("train_moelora", experiment, user_overrides, out / "moelora", extra)
         )
     if "xlora" in stages and (
-        _retrain(cfg, "xlora") or not (Path(cfg.xlora_dir) / XLORA_CLASSIFIER_FILE).is_file()
+        _retrain(cfg, "xlora") or not (Path(cfg.xlora_dir) / XLORA_MANIFEST_FILE).is_file()
     ):
         from loralab.training.xlora_training import train_xlora
 

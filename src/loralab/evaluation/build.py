@@ -13,7 +13,6 @@ from loralab.artifacts import load_expert
 from loralab.base_model import load_base_model
 from loralab.data.records import Record
 from loralab.evaluation.baselines import (
-    XLORA_CLASSIFIER_FILE,
     build_arrow,
     build_xlora,
     load_xlora_classifier,
@@ -133,11 +132,9 @@ def build_systems(
                 name, load_moelora(base, gate, dict(adapters), fingerprint).eval()
             )
         elif name == "xlora":
-            classifier = (
-                need(xlora_dir, "trained X-LoRA classifier folder", name) / XLORA_CLASSIFIER_FILE
-            )
+            folder = need(xlora_dir, "trained X-LoRA classifier folder", name)
             model = build_xlora(load_base_model(cfg.base_model, cache)[0], adapters)
-            load_xlora_classifier(model, classifier)
+            load_xlora_classifier(model, folder, adapters, fingerprint)
             systems[name] = ModelSystem(name, model.eval())
         elif name == "arrow":
             model = build_arrow(

@@ -3,6 +3,7 @@ token, peak memory; every system measured on the same batch."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import statistics
 import threading
@@ -15,24 +16,53 @@ import torch
 from loralab.data.records import Record
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _heap_reader() -> Callable[[], int] | None:
+    """Bytes malloc has handed out and not freed (glibc >= 2.33 ``mallinfo2``), else None."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def read() -> int:
+        info = mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    return read
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
 class PeakMemory:
-    """Peak CUDA allocation (absolute), or peak RSS growth on CPU (sampling /proc/self/statm)."""
+    """Peak memory of a block: CUDA peak allocated (absolute, weights included); on CPU the peak
+    growth of malloc'd bytes inside the block (the tensors it allocates: activations, KV cache,
+    logits), sampled every 2 ms. Where ``mallinfo2`` is missing, RSS growth, which under-reports
+    in a long-lived process because freed pages are reused."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self._read = _heap_reader() or _rss
         self._stop = threading.Event()
         self._peak = 0
         self._start = 0
         self._thread: threading.Thread | None = None
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self._peak = max(self._peak, self._rss())
+            self._peak = max(self._peak, self._read())
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
@@ -41,7 +71,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
         else:
-            self._start = self._peak = self._rss()
+            self._start = self._peak = self._read()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -52,10 +82,11 @@ class PeakMemory:
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
+            self._peak = max(self._peak, self._read())
 
     @property
     def mib(self) -> float:
-        """CUDA: peak allocated (weights included). CPU: peak RSS growth inside the block."""
+        """CUDA: peak allocated (weights included). CPU: peak growth inside the block."""
         value = self._peak if self.cuda else self._peak - self._start
         return round(value / 2**20, 1)
 

@@ -18,27 +18,63 @@ from tqdm import tqdm
 from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, resolve_device, weights_fingerprint
 from loralab.config import seed_everything, to_container
+from loralab.data.records import Record
 from loralab.evaluation.build import RouterChoices, build_systems
 from loralab.evaluation.cost import measure_system_cost
 from loralab.evaluation.generation import extract_code, generate_reply, generation_sets, run_checks
 from loralab.evaluation.sets import EvalSet, build_eval_sets
 from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests, rouge_l
-from loralab.evaluation.systems import ModelSystem, System, gold_label
+from loralab.evaluation.systems import (
+    ModelSystem,
+    RequestLevelSystem,
+    System,
+    gold_label,
+    shareable_options,
+)
 from loralab.provenance import git_commit, package_versions
 
 log = logging.getLogger(__name__)
 
+# Results of single-model choices over the shared PEFT model, keyed by (set, example index, choice):
+# the oracle and the router mostly pick what a single expert (or the base) already ran on that
+# example, so their NLL and replies are looked up instead of recomputed. Weighted mixtures are not.
+ChoiceMemo = dict[tuple[str, int, str | None], Any]
+
+
+def _choices(system: System, records: Sequence[Record]) -> list[tuple[str | None, ...] | None]:
+    if not isinstance(system, RequestLevelSystem):
+        return [None] * len(records)
+    return [shareable_options(system.choose(r)) for r in records]
+
 
 def score_set(
-    system: System, eval_set: EvalSet, batch_size: int, pad_id: int, device: torch.device
+    system: System,
+    eval_set: EvalSet,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    memo: ChoiceMemo | None = None,
 ) -> dict[str, list]:
     """Per-example summed NLL and target-token count, in the set's record order."""
     n = len(eval_set.records)
     sums, counts = np.zeros(n), np.zeros(n, dtype=np.int64)
+    memo = {} if memo is None else memo
     system.prepare(eval_set.records)
     for idx, batch, records in eval_set.batches(batch_size, pad_id, device):
+        options = _choices(system, records)
+        keys = [
+            [(eval_set.name, i, o) for o in opts] if opts else None
+            for i, opts in zip(idx, options, strict=True)
+        ]
+        if all(k and all(key in memo for key in k) for k in keys):
+            best = [min((memo[key] for key in k), key=lambda sc: sc[0]) for k in keys if k]
+            sums[idx], counts[idx] = [b[0] for b in best], [b[1] for b in best]
+            continue
         s, c = system.nll(batch, records)
         sums[idx], counts[idx] = s.float().cpu().numpy(), c.cpu().numpy()
+        for i, k in zip(idx, keys, strict=True):
+            if k and len(k) == 1:
+                memo[k[0]] = (float(sums[i]), int(counts[i]))
     return {"nll_sum": sums.tolist(), "n_tokens": counts.tolist()}
 
 
@@ -119,16 +155,26 @@ def gate_summary(
 
 def generation_metrics(
     systems: Mapping[str, System], cfg: DictConfig, tokenizer: Any, device: torch.device
-) -> list[dict[str, Any]]:
-    """``pass_rate`` on ``gen_code`` (MBPP, executed in a sandboxed subprocess), ``rougeL`` elsewhere."""
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict[str, Any]]]]]:
+    """``pass_rate`` on ``gen_code`` (MBPP, executed in a sandboxed subprocess), ``rougeL``
+    elsewhere; and every reply with its score, per system and set."""
     gen = cfg.eval.generation
     sets = generation_sets(cfg.data, int(gen.per_set))
     out = []
+    replies: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    memo: ChoiceMemo = {}
     for name, system in systems.items():
+        started = time.perf_counter()
+        replies[name] = {}
         for set_name, items in sets.items():
-            scores = []
+            scored: list[dict[str, Any]] = []
             system.prepare([item.record for item in items])
-            for item in items:
+            options = _choices(system, [item.record for item in items])
+            for i, (item, opts) in enumerate(zip(items, options, strict=True)):
+                key = (set_name, i, opts[0]) if opts else None  # best-of generates with its first
+                if key is not None and key in memo:
+                    scored.append(memo[key])
+                    continue
                 reply = generate_reply(
                     system,
                     tokenizer,
@@ -138,15 +184,15 @@ def generation_metrics(
                     device,
                 )
                 if item.tests:
-                    scores.append(
-                        float(
-                            run_checks(
-                                extract_code(reply), item.tests, item.setup, float(gen.timeout_s)
-                            )
-                        )
-                    )
+                    code = extract_code(reply)
+                    score = float(run_checks(code, item.tests, item.setup, float(gen.timeout_s)))
                 else:
-                    scores.append(rouge_l(reply, item.record.response))
+                    score = rouge_l(reply, item.record.response)
+                scored.append({"id": item.record.id, "reply": reply, "score": score})
+                if key is not None:
+                    memo[key] = scored[-1]
+            replies[name][set_name] = scored
+            scores = [r["score"] for r in scored]
             metric = "pass_rate" if set_name == "gen_code" else "rougeL"
             out.append(
                 {
@@ -158,7 +204,8 @@ def generation_metrics(
                     "ci_high": None,
                 }
             )
-    return out
+        log.info("generated %s (%.0f s)", name, time.perf_counter() - started)
+    return out, replies
 
 
 def cost_metrics(
@@ -236,10 +283,12 @@ def evaluate(
     boot = cfg.eval.bootstrap
     per_example: dict[str, dict[str, Any]] = {}
     metrics: list[dict[str, Any]] = []
+    memo: ChoiceMemo = {}
     for name, system in tqdm(systems.items(), desc="systems"):
+        started_system = time.perf_counter()
         per_example[name] = {}
         for set_name, eval_set in sets.items():
-            scored = score_set(system, eval_set, int(cfg.eval.batch_size), pad_id, device)
+            scored = score_set(system, eval_set, int(cfg.eval.batch_size), pad_id, device, memo)
             per_example[name][set_name] = scored
             metrics.extend(
                 nll_metrics(
@@ -252,10 +301,12 @@ def evaluate(
                     float(boot.alpha),
                 )
             )
-        log.info("scored %s", name)
+        log.info("scored %s (%.0f s)", name, time.perf_counter() - started_system)
     metrics.extend(gap_recovery_metrics(metrics))
+    generations: dict[str, Any] = {}
     if cfg.eval.generation.per_set and int(cfg.eval.generation.per_set) > 0:
-        metrics.extend(generation_metrics(systems, cfg, tokenizer, device))
+        generation, generations = generation_metrics(systems, cfg, tokenizer, device)
+        metrics.extend(generation)
     if cfg.eval.cost.enabled:
         metrics.extend(cost_metrics(systems, sets, cfg, pad_id, device))
     routing: dict[str, Any] = {}
@@ -296,6 +347,7 @@ def evaluate(
         "per_example": per_example,
         "paired_tests": tests,
         "routing": routing,
+        "generations": generations,
         "base_fingerprint": fingerprint,
         "elapsed_s": time.perf_counter() - started,
     }

@@ -145,6 +145,14 @@ class ModelSystem:
 System = Union[RequestLevelSystem, ModelSystem]  # noqa: UP007  (runtime alias)
 
 
+def shareable_options(choice: Choice) -> tuple[str | None, ...] | None:
+    """The single-model options of ``choice`` (one, or several for best-of), or None for a weighted
+    mixture: what a request-level system's result can be looked up by, across systems of one run."""
+    if isinstance(choice, dict):
+        return None
+    return choice if isinstance(choice, tuple) else (choice,)
+
+
 def gold_choice(record: Record, experts: Sequence[str]) -> Choice:
     """The oracle: the gold domain's expert; base for general; the better gold expert for pairs."""
     if record.domain in experts:

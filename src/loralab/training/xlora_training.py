@@ -15,9 +15,14 @@ from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.config import seed_everything
 from loralab.data.datamodule import DomainDataModule
-from loralab.evaluation.baselines import XLORA_CLASSIFIER_FILE, build_xlora, save_xlora_classifier
+from loralab.evaluation.baselines import build_xlora, save_xlora_classifier
 from loralab.io_utils import atomic_directory
-from loralab.training.common import TrainableStateModule, build_trainer, configure_adamw_cosine
+from loralab.training.common import (
+    TrainableStateModule,
+    build_trainer,
+    configure_adamw_cosine,
+    resolve_ckpt_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,8 @@ class XLoraTrainingModule(TrainableStateModule):
 
 
 def train_xlora(cfg: DictConfig, adapters: Mapping[str, Path], out_dir: str | Path) -> Path:
-    """Train X-LoRA on the union of the domain train splits; write ``<out_dir>/xlora_classifier.safetensors``."""
+    """Train X-LoRA on the union of the domain train splits; write ``<out_dir>/xlora/`` (the
+    classifier + a manifest naming its experts and base model). Resumes with ``ckpt_path=last``."""
     seed_everything(int(cfg.seed))
     out_dir = Path(out_dir)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir, device="cpu")
@@ -60,9 +66,13 @@ def train_xlora(cfg: DictConfig, adapters: Mapping[str, Path], out_dir: str | Pa
         verify_adapter(path, fingerprint)
     module = XLoraTrainingModule(build_xlora(base, adapters), cfg.moelora.optim)
     datamodule = DomainDataModule(cfg.data, tokenizer, list(adapters), seed=int(cfg.seed))
-    trainer = build_trainer(cfg, run_name="xlora", checkpoint_dir=out_dir / "checkpoints")
-    trainer.fit(module, datamodule)
+    checkpoint_dir = out_dir / "checkpoints"
+    trainer = build_trainer(cfg, run_name="xlora", checkpoint_dir=checkpoint_dir)
+    trainer.fit(
+        module, datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
+    )
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     with atomic_directory(out_dir / "xlora") as tmp:
-        save_xlora_classifier(module.model, tmp / XLORA_CLASSIFIER_FILE)
+        save_xlora_classifier(module.model, tmp, adapters, fingerprint, metrics)
     log.info("X-LoRA classifier written to %s", out_dir / "xlora")
     return out_dir / "xlora"
