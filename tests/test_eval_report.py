@@ -424,3 +424,28 @@ def test_plot_domains_match_the_data_module() -> None:
     ]
     assert len(values) == 1
     assert ast.literal_eval(values[0]) == PLOT_DOMAINS
+
+
+COMMITTED_RUN = NOTEBOOK.parent / "results" / "quick_cpu"
+README = NOTEBOOK.parents[1] / "README.md"
+
+
+def test_readme_results_come_from_the_committed_run():
+    """The README's head-to-head tables are rows of the committed run's report, and that report
+    is what ``render_report`` makes of the committed ``results.json``."""
+    from loralab.evaluation.plots import PLOTS
+    from loralab.evaluation.report import render_report
+
+    results = json.loads((COMMITTED_RUN / "results.json").read_text())
+    validate_results(results)
+    assert results["experiment"] == "quick_cpu"
+    assert len(results["systems"]) == len(SYSTEMS)
+    plots = {stem: COMMITTED_RUN / "plots" / f"{stem}.png" for stem in PLOTS}
+    assert all(p.is_file() for p in plots.values())
+    report = (COMMITTED_RUN / "report.md").read_text()
+    assert render_report(results, plots, {}, COMMITTED_RUN) == report
+    readme = README.read_text()
+    section = readme.split("<!-- results: quick_cpu -->")[1].split("<!-- /results -->")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) > 40
+    assert [r for r in rows if r not in report.splitlines()] == []

@@ -49,7 +49,7 @@ def _rss() -> int:
 class PeakMemory:
     """Peak memory of a block: CUDA peak allocated (absolute, weights included); on CPU the peak
     growth of malloc'd bytes inside the block (the tensors it allocates: activations, KV cache,
-    logits), sampled every 2 ms. Where ``mallinfo2`` is missing, RSS growth, which under-reports
+    logits), sampled every 5 ms. Where ``mallinfo2`` is missing, RSS growth, which under-reports
     in a long-lived process because freed pages are reused."""
 
     def __init__(self, device: torch.device) -> None:
@@ -61,7 +61,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.002):
+        while not self._stop.wait(0.005):
             self._peak = max(self._peak, self._read())
 
     def __enter__(self) -> PeakMemory:
@@ -146,17 +146,20 @@ def measure_system_cost(
         system.nll({**batch, "labels": input_ids}, records)
 
     single = {k: v[:1] for k, v in batch.items()}
-    with PeakMemory(device) as memory:
+    system.prepare(records)
+    prefill_s = timed(prefill, repeats, device)
+    one_s = timed(lambda: run(batch, records, 1), repeats, device)
+    full_s = timed(lambda: run(batch, records, new_tokens), repeats, device)
+
+    def first_token() -> None:
+        system.prepare(records[:1])
+        run(single, records[:1], 1)
+
+    ttft_s = timed(first_token, repeats, device)
+    with PeakMemory(device) as memory:  # apart from the timings: sampling would slow them
         system.prepare(records)
-        prefill_s = timed(prefill, repeats, device)
-        one_s = timed(lambda: run(batch, records, 1), repeats, device)
-        full_s = timed(lambda: run(batch, records, new_tokens), repeats, device)
-
-        def first_token() -> None:
-            system.prepare(records[:1])
-            run(single, records[:1], 1)
-
-        ttft_s = timed(first_token, repeats, device)
+        prefill()
+        run(batch, records, new_tokens)
     b, t = input_ids.shape
     return {
         "prefill_tokens_per_s": b * t / prefill_s,
