@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tests_router_helpers import VOCAB
 
 from loralab.routing.datasets import (
     last_paragraph,
@@ -17,64 +18,16 @@ from loralab.routing.datasets import (
     split_examples,
 )
 from router import Reason, Router
+from tests.conftest import compose
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 FILES = {
     "law": "law.jsonl",
     "code": "code.jsonl",
     "medical": "medical.jsonl",
     "general": "general.jsonl",
 }
-WORDS = {
-    "law": [
-        "court",
-        "statute",
-        "contract",
-        "plaintiff",
-        "defendant",
-        "tenant",
-        "lease",
-        "breach",
-        "liability",
-        "judge",
-    ],
-    "code": [
-        "python",
-        "function",
-        "array",
-        "loop",
-        "compile",
-        "class",
-        "bug",
-        "recursion",
-        "string",
-        "integer",
-    ],
-    "medical": [
-        "patient",
-        "symptoms",
-        "fever",
-        "diagnosis",
-        "treatment",
-        "dose",
-        "insulin",
-        "tumor",
-        "infection",
-        "cardiac",
-    ],
-    "general": [
-        "capital",
-        "poem",
-        "recipe",
-        "garden",
-        "holiday",
-        "movie",
-        "travel",
-        "football",
-        "painting",
-        "music",
-    ],
-}
+# The shared toy vocabulary's first ten words per label ("general" data is the "base" label).
+WORDS = {d: VOCAB["base" if d == "general" else d][:10] for d in FILES}
 
 
 def _write_data(root: Path, n: int = 80) -> None:
@@ -106,20 +59,6 @@ def _write_data(root: Path, n: int = 80) -> None:
         "response": "x",
     }
     (root / "eval" / "humaneval.jsonl").write_text(json.dumps(humaneval) + "\n")
-
-
-def _compose(overrides: list[str], out: Path):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    import loralab  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train_router", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.cache_dir = str(out / "cache")
-    return cfg
 
 
 def test_views_and_groups() -> None:
@@ -166,7 +105,8 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path) -> None:
     from loralab.routing import train_router
 
     _write_data(tmp_path / "data")
-    cfg = _compose(
+    cfg = compose(
+        "train_router",
         [
             f"data.root={tmp_path / 'data'}",
             "data.val_fraction=0.2",
@@ -216,7 +156,8 @@ def test_train_router_with_real_minilm_and_real_data(tmp_path: Path) -> None:
 
     if not (default_data_root() / "law.jsonl").is_file():
         pytest.skip("the shared data folder is not available")
-    cfg = _compose(
+    cfg = compose(
+        "train_router",
         [
             "router.data.max_train_per_label=24",
             "router.data.max_val_per_label=8",
