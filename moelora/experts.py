@@ -96,15 +96,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, error: type[ValueError] = ExpertError) -> dict[str, Any]:
+    """The JSON object in ``path``; ``error`` naming the file (and line) when it is missing or bad."""
     if not path.is_file():
-        raise ExpertError(f"{path}: file not found")
+        raise error(f"{path}: file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ExpertError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+        raise error(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
     if not isinstance(data, dict):
-        raise ExpertError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -170,8 +171,8 @@ def read_expert(name: str, directory: str | Path) -> ExpertAdapter:
     manifest_path = folder / MANIFEST
     config_path = folder / ADAPTER_CONFIG
     weights_path = folder / ADAPTER_WEIGHTS
-    manifest = _read_json(manifest_path)
-    config = _read_json(config_path)
+    manifest = read_json_object(manifest_path)
+    config = read_json_object(config_path)
     if not weights_path.is_file():
         raise ExpertError(f"{weights_path}: file not found")
 

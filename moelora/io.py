@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moelora.config import ComputePath, MoELoraConfig
-from moelora.experts import file_sha256
+from moelora.experts import file_sha256, read_json_object
 from moelora.model import MoELoraModel
 
 GATE_WEIGHTS = "gate.safetensors"
@@ -71,13 +71,8 @@ def save_gate(model: MoELoraModel, directory: str | Path) -> Path:
 def read_gate_metadata(directory: str | Path) -> dict[str, Any]:
     """Read and sanity-check moelora.json."""
     path = Path(directory) / GATE_CONFIG
-    if not path.is_file():
-        raise GateFileError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise GateFileError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    data = read_json_object(path, GateFileError)
+    if data.get("format") != FORMAT:
         raise GateFileError(f"{path}: field 'format' must be {FORMAT!r}")
     for key, kind in (("config", dict), ("experts", list), ("modules", list), ("gate_sha256", str)):
         if not isinstance(data.get(key), kind):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,12 @@ from peft import ArrowConfig, PeftModel, XLoraConfig, create_arrow_model, get_pe
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from loralab.artifacts import AdapterVerificationError, read_manifest
+from loralab.artifacts import MANIFEST, AdapterVerificationError, read_manifest
 from loralab.data.records import file_sha256
 from loralab.io_utils import atomic_write_json
 
 XLORA_CLASSIFIER_FILE = "xlora_classifier.safetensors"
-XLORA_MANIFEST_FILE = "manifest.json"
+XLORA_MANIFEST_FILE = MANIFEST  # read with read_manifest, like an adapter's
 XLORA_FORMAT = "loralab-xlora-classifier/1"
 
 
@@ -96,7 +95,7 @@ def load_xlora_classifier(
             f"{xlora_dir}: needs {XLORA_CLASSIFIER_FILE} and {XLORA_MANIFEST_FILE} "
             "(not a complete X-LoRA classifier; retrain it)"
         )
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_manifest(xlora_dir)  # same file name as an adapter's; names the JSON error
     if manifest.get("format") != XLORA_FORMAT:
         raise AdapterVerificationError(
             f"{manifest_path}: field 'format' is {manifest.get('format')!r}, expected {XLORA_FORMAT!r}"
