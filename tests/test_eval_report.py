@@ -196,7 +196,7 @@ def test_write_report_draws_every_plot(results: dict, tmp_path: Path) -> None:
     test = results["paired_tests"]["router_vs_moelora"]["two_domain"]
     assert f"| two_domain | {test['diff']:.3f} |" in text
     assert "| **medical** | 2 | 0 | 17 | 1 |" in text  # confusion row
-    assert "Accuracy: 0.900" in text
+    assert "Accuracy on the single-domain sets: 0.900" in text
     assert (
         "| system | prefill_tokens_per_s | decode_tokens_per_s | ttft_ms | peak_memory_mb |" in text
     )

@@ -49,8 +49,9 @@ def _rss() -> int:
 class PeakMemory:
     """Peak memory of a block: CUDA peak allocated (absolute, weights included); on CPU the peak
     growth of malloc'd bytes inside the block (the tensors it allocates: activations, KV cache,
-    logits), sampled every 5 ms. Where ``mallinfo2`` is missing, RSS growth, which under-reports
-    in a long-lived process because freed pages are reused."""
+    logits), sampled every millisecond (a tensor that lives less long can be missed). Where
+    ``mallinfo2`` is missing, RSS growth, which under-reports in a long-lived process because
+    freed pages are reused."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -61,7 +62,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.001):
             self._peak = max(self._peak, self._read())
 
     def __enter__(self) -> PeakMemory:
@@ -92,13 +93,12 @@ class PeakMemory:
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call (synchronised on CUDA)."""
+    """Median seconds of ``repeats`` calls (synchronised on CUDA); the caller warms ``fn`` up."""
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -145,21 +145,21 @@ def measure_system_cost(
     def prefill() -> None:
         system.nll({**batch, "labels": input_ids}, records)
 
-    single = {k: v[:1] for k, v in batch.items()}
-    system.prepare(records)
-    prefill_s = timed(prefill, repeats, device)
-    one_s = timed(lambda: run(batch, records, 1), repeats, device)
-    full_s = timed(lambda: run(batch, records, new_tokens), repeats, device)
-
     def first_token() -> None:
         system.prepare(records[:1])
         run(single, records[:1], 1)
 
-    ttft_s = timed(first_token, repeats, device)
-    with PeakMemory(device) as memory:  # apart from the timings: sampling would slow them
+    single = {k: v[:1] for k, v in batch.items()}
+    # The memory run is also the warm-up of every timed call below (they do subsets of its work);
+    # it is kept apart from the timings because sampling would slow them.
+    with PeakMemory(device) as memory:
         system.prepare(records)
         prefill()
         run(batch, records, new_tokens)
+    prefill_s = timed(prefill, repeats, device)
+    one_s = timed(lambda: run(batch, records, 1), repeats, device)
+    full_s = timed(lambda: run(batch, records, new_tokens), repeats, device)
+    ttft_s = timed(first_token, repeats, device)
     b, t = input_ids.shape
     return {
         "prefill_tokens_per_s": b * t / prefill_s,

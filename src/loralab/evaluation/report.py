@@ -206,7 +206,12 @@ def _routing_section(results: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     router = routing.get("router")
     if router:
-        lines += ["## Router", "", f"Accuracy: {_fmt(router.get('accuracy'))}", ""]
+        lines += [
+            "## Router",
+            "",
+            f"Accuracy on the single-domain sets: {_fmt(router.get('accuracy'))}",
+            "",
+        ]
         per_set = router.get("per_set_accuracy") or {}
         if per_set:
             lines += _md_table(["set", "accuracy"], [[t, _fmt(a)] for t, a in per_set.items()])
