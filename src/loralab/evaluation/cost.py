@@ -145,11 +145,12 @@ def measure_system_cost(
     def prefill() -> None:
         system.nll({**batch, "labels": input_ids}, records)
 
+    single = {k: v[:1] for k, v in batch.items()}
+
     def first_token() -> None:
         system.prepare(records[:1])
         run(single, records[:1], 1)
 
-    single = {k: v[:1] for k, v in batch.items()}
     # The memory run is also the warm-up of every timed call below (they do subsets of its work);
     # it is kept apart from the timings because sampling would slow them.
     with PeakMemory(device) as memory:
