@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import loralab  # noqa: F401  (config resolvers)
 from loralab.base_model import load_base_model, weights_fingerprint
-from loralab.moelora_training import make_random_experts
+from loralab.training.random_experts import make_random_experts
 from moelora import GateConfig, MoELoraConfig, MoELoraModel, load_gate, read_gate_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def moelora_config(args: argparse.Namespace, sparse: bool) -> MoELoraConfig:
 def build_method(name: str, base: Any, experts: dict[str, Path], args: argparse.Namespace) -> Any:
     from peft import PeftModel
 
-    from loralab.evaluation.baselines import build_arrow, build_xlora
+    from loralab.baselines import build_arrow, build_xlora
 
     first = str(experts[DOMAINS[0]])
     if name == "base":

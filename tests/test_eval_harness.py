@@ -116,9 +116,9 @@ def test_run_checks_pass_fail_and_timeout():
 
 def test_xlora_classifier_is_bound_to_its_experts_and_base(smoke_experts, tmp_path):
     from loralab.artifacts import AdapterVerificationError
-    from loralab.evaluation.baselines import (
+    from loralab.baselines import build_xlora
+    from loralab.training.xlora import (
         XLORA_CLASSIFIER_FILE,
-        build_xlora,
         load_xlora_classifier,
         save_xlora_classifier,
         xlora_classifier_state,

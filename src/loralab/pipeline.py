@@ -15,8 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from loralab.evaluation.baselines import XLORA_MANIFEST_FILE
 from loralab.evaluation.harness import evaluate
+from loralab.training.xlora import XLORA_MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def run_pipeline(cfg: DictConfig, experiment: str, user_overrides: Sequence[str]
 
         train_router(compose_stage("train_router", experiment, user_overrides, out / "router"))
     if "moelora" in stages and (_retrain(cfg, "moelora") or not Path(cfg.moelora_dir).is_dir()):
-        from loralab.moelora_training import train_moelora
+        from loralab.training.moelora_gate import train_moelora
 
         extra = [f"experts_dir={cfg.experts_dir}"]
         train_moelora(
@@ -104,7 +104,7 @@ def run_pipeline(cfg: DictConfig, experiment: str, user_overrides: Sequence[str]
     if "xlora" in stages and (
         _retrain(cfg, "xlora") or not (Path(cfg.xlora_dir) / XLORA_MANIFEST_FILE).is_file()
     ):
-        from loralab.training.xlora_training import train_xlora
+        from loralab.training.xlora import train_xlora
 
         stage_cfg = compose_stage(
             "train_moelora",

@@ -17,9 +17,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loralab.data.datamodule import data_root, load_domain_split
 from loralab.data.formatting import prompt_text
-from loralab.data.records import Record, spread_subset
+from loralab.data.records import Record, data_root, load_domain_split, spread_subset
 
 _CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 

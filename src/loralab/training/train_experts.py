@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 from loralab.artifacts import MANIFEST, load_expert, verify_adapter, write_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.config import seed_everything, to_container
-from loralab.data.datamodule import DomainDataModule, data_file_hashes
+from loralab.data.datamodule import DomainDataModule
+from loralab.data.records import data_file_hashes
 from loralab.evaluation.expert_check import experts_beat_base, format_table, nll_matrix, save_table
 from loralab.training.common import build_trainer, resolve_ckpt_path
 from loralab.training.expert_module import LoRAExpertModule
