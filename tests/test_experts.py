@@ -14,8 +14,8 @@ from loralab.artifacts import (
 )
 from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.data import DomainDataModule
-from loralab.data.records import file_sha256
-from loralab.training.common import build_trainer, resolve_ckpt_path, warmup_cosine
+from loralab.io_utils import file_sha256
+from loralab.training.common import build_trainer, configure_adamw_cosine, resolve_ckpt_path
 from loralab.training.expert_module import LoRAExpertModule
 
 
@@ -159,12 +159,20 @@ def test_resume_from_checkpoint_continues_at_the_same_step(compose_cfg, tmp_path
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), ckpt_dir)
 
 
-def test_warmup_cosine_schedule_numbers():
-    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
-    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+def test_lr_schedule_warms_up_then_decays_to_the_min_ratio():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optim = {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}
+    scheduler = configure_adamw_cosine([param], optim, total_steps=100)["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(101):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5)  # linear warmup from 0
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine half way between 1 and 0.1
+    assert lrs[100] == pytest.approx(0.1)  # floor: min_lr_ratio * lr
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:], strict=False))
 
 
 def test_fingerprint_is_dtype_stable_and_weight_sensitive(compose_cfg):

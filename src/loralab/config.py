@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import random
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -27,15 +25,6 @@ def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         assert isinstance(out, dict)
         return {str(k): v for k, v in out.items()}
     return dict(cfg)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 register_resolvers()

@@ -12,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning import seed_everything
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, resolve_device, weights_fingerprint
-from loralab.config import seed_everything, to_container
+from loralab.config import to_container
 from loralab.data.records import Record
 from loralab.evaluation.build import RouterChoices, build_systems
 from loralab.evaluation.cost import measure_system_cost
@@ -267,7 +268,7 @@ def evaluate(
     xlora_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The head-to-head comparison: every system in ``cfg.eval.systems`` on every set."""
-    seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed), workers=True)
     started = time.perf_counter()
     device = resolve_device(cfg.base_model.get("device", "auto"))
     experts = [str(d) for d in cfg.data.domains]

@@ -1,9 +1,8 @@
-"""Pieces every Lightning job shares: AdamW with warmup + cosine, a trainer from config, and a
+"""Pieces every Lightning job shares: AdamW with warmup + cosine (transformers' schedule), a trainer from config, and a
 module base that checkpoints only trainable weights (a 135M base need not go into every .ckpt)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,32 +11,28 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from loralab.tracking import build_lightning_loggers
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0 to 1 over ``warmup_steps``, then cosine to ``min_lr_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / max(1, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def configure_adamw_cosine(
     params: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any], total_steps: int
 ) -> dict[str, Any]:
-    """AdamW over ``params`` with a per-step warmup + cosine schedule, as Lightning expects it."""
+    """AdamW over ``params`` with transformers' per-step schedule, as Lightning expects it: the LR
+    rises linearly from 0 over ``warmup_steps`` (step 0 has LR 0), then follows a cosine down to
+    ``min_lr_ratio * lr`` at ``total_steps``."""
     optimizer = torch.optim.AdamW(
         [p for p in params if p.requires_grad],
         lr=float(optim_cfg["lr"]),
         weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
         betas=tuple(optim_cfg.get("betas", (0.9, 0.999))),
     )
-    warmup = int(optim_cfg.get("warmup_steps", 0))
-    min_ratio = float(optim_cfg.get("min_lr_ratio", 0.1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup, max(1, total_steps), min_ratio)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(optim_cfg.get("warmup_steps", 0)),
+        num_training_steps=max(1, total_steps),
+        min_lr_rate=float(optim_cfg.get("min_lr_ratio", 0.1)),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

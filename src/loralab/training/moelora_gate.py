@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from lightning import seed_everything
 from omegaconf import DictConfig
 
 from loralab.base_model import load_base_model, weights_fingerprint
-from loralab.config import seed_everything, to_container
+from loralab.config import to_container
 from loralab.data.datamodule import DomainDataModule
 from loralab.evaluation.plots import plot_gate_usage_by_layer, save_plot
 from loralab.io_utils import atomic_write_json
@@ -168,7 +169,7 @@ def resolve_expert_dirs(
 
 def train_moelora(cfg: DictConfig) -> dict[str, Any]:
     """Train the gate, save it to ``<output_dir>/moelora/`` and return paths, metrics and usage."""
-    seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed), workers=True)
     out = Path(cfg.paths.output_dir)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir, device="cpu")
     fingerprint = weights_fingerprint(base)

@@ -6,12 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lightning import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from loralab.artifacts import MANIFEST, load_expert, verify_adapter, write_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
-from loralab.config import seed_everything, to_container
+from loralab.config import to_container
 from loralab.data.datamodule import DomainDataModule
 from loralab.data.records import data_file_hashes
 from loralab.evaluation.expert_check import experts_beat_base, format_table, nll_matrix, save_table
@@ -25,7 +26,7 @@ def train_one_expert(
     cfg: DictConfig, domain: str, tokenizer: Any, fingerprint: str, target: Path
 ) -> dict[str, Any]:
     """Fit a LoRA on ``domain``'s train split (val for validation) and write it to ``target``."""
-    seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed), workers=True)
     base, _ = load_base_model(cfg.base_model, cfg.paths.cache_dir, device="cpu")
     module = LoRAExpertModule(base, cfg.expert.lora, cfg.expert.optim)
     datamodule = DomainDataModule(cfg.data, tokenizer, [domain], seed=int(cfg.seed))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning import seed_everything
 from omegaconf import DictConfig
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -18,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from loralab.artifacts import MANIFEST, AdapterVerificationError, read_manifest, verify_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.baselines import build_xlora
-from loralab.config import seed_everything
 from loralab.data.datamodule import DomainDataModule
 from loralab.io_utils import atomic_directory, atomic_write_json, file_sha256
 from loralab.training.common import (
@@ -66,7 +66,7 @@ class XLoraTrainingModule(TrainableStateModule):
 def train_xlora(cfg: DictConfig, adapters: Mapping[str, Path], out_dir: str | Path) -> Path:
     """Train X-LoRA on the union of the domain train splits; write ``<out_dir>/xlora/`` (the
     classifier + a manifest naming its experts and base model). Resumes with ``ckpt_path=last``."""
-    seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed), workers=True)
     out_dir = Path(out_dir)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir, device="cpu")
     fingerprint = weights_fingerprint(base)
