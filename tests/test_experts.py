@@ -1,3 +1,4 @@
+import itertools
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from peft import PeftModel
 
 from loralab.artifacts import (
     ADAPTER_FILE,
+    SKIP_BASE_CHECK,
     AdapterVerificationError,
     load_expert,
     verify_adapter,
@@ -30,6 +32,7 @@ def test_smoke_training_writes_three_verified_adapters(smoke_experts):
         manifest = json.loads((d / "manifest.json").read_text())
         assert manifest["domain"] == domain
         assert manifest["adapter_sha256"] == file_sha256(d / ADAPTER_FILE)
+        assert manifest["adapter_config_sha256"] == file_sha256(d / "adapter_config.json")
         assert manifest["base_model"]["fingerprint"] == smoke_experts["base_fingerprint"]
         assert manifest["lora"]["r"] == 4
         assert set(manifest["data"]["files"]) == {f"{domain}.jsonl"}
@@ -62,23 +65,50 @@ def test_rerun_reuses_verified_adapters(smoke_experts):
     assert before == after
 
 
-def test_verify_refuses_tampered_file_and_other_base(smoke_experts, tmp_path):
+def test_verify_refuses_tampered_files_other_base_and_old_manifests(
+    smoke_experts, tmp_path, caplog
+):
     import shutil
 
+    fingerprint = smoke_experts["base_fingerprint"]
     src = Path(smoke_experts["adapters"]["law"])
     copy = tmp_path / "law"
     shutil.copytree(src, copy)
-    verify_adapter(copy, smoke_experts["base_fingerprint"])
+    assert verify_adapter(copy, fingerprint)["domain"] == "law"
     with pytest.raises(AdapterVerificationError, match="fingerprint"):
         verify_adapter(copy, "0" * 64)
+    with pytest.raises(TypeError):
+        verify_adapter(copy)  # type: ignore[call-arg]  # the fingerprint is not optional
+    with caplog.at_level("WARNING", logger="loralab.artifacts"):
+        verify_adapter(copy, SKIP_BASE_CHECK)  # explicit, and logged
+    assert "fingerprint check skipped" in caplog.text
+
+    config_path = copy / "adapter_config.json"
+    original_config = config_path.read_text()
+    config = json.loads(original_config)
+    config["r"], config["lora_alpha"] = 8, 64  # a changed rank / alpha, weights untouched
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AdapterVerificationError, match=r"adapter_config\.json: sha256"):
+        verify_adapter(copy, fingerprint)
+    config_path.write_text(original_config)
+    verify_adapter(copy, fingerprint)
+
     data = bytearray((copy / ADAPTER_FILE).read_bytes())
     data[-1] ^= 0xFF
     (copy / ADAPTER_FILE).write_bytes(bytes(data))
-    with pytest.raises(AdapterVerificationError, match="sha256"):
-        verify_adapter(copy)
+    with pytest.raises(AdapterVerificationError, match=r"adapter_model\.safetensors: sha256"):
+        verify_adapter(copy, fingerprint)
+
+    old = json.loads((copy / "manifest.json").read_text())
+    del old["adapter_config_sha256"]  # a manifest written before config hashing
+    (copy / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(
+        AdapterVerificationError, match=r"'adapter_config_sha256' is missing.*retrain"
+    ):
+        verify_adapter(copy, fingerprint)
     (copy / "manifest.json").unlink()
     with pytest.raises(AdapterVerificationError, match="manifest missing"):
-        verify_adapter(copy)
+        verify_adapter(copy, fingerprint)
 
 
 def _tiny_module(compose_cfg):
@@ -172,7 +202,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_min_ratio():
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine half way between 1 and 0.1
     assert lrs[100] == pytest.approx(0.1)  # floor: min_lr_ratio * lr
-    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:], strict=False))
+    assert all(x >= y for x, y in itertools.pairwise(lrs[10:]))
 
 
 def test_fingerprint_is_dtype_stable_and_weight_sensitive(compose_cfg):

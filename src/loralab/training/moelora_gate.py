@@ -16,6 +16,7 @@ import torch
 from lightning import seed_everything
 from omegaconf import DictConfig
 
+from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.config import to_container
 from loralab.data.datamodule import DomainDataModule
@@ -148,6 +149,8 @@ def resolve_expert_dirs(
         missing = [n for n in names if not (root / n).is_dir()]
         if missing:
             raise FileNotFoundError(f"experts_dir={root}: no expert folder for {missing}")
+        for n in names:  # both adapter files' hashes and the base fingerprint
+            verify_adapter(root / n, fingerprint)
         return {n: root / n for n in names}, False
     random_cfg = cfg.moelora.random_experts
     if not random_cfg.enabled:
