@@ -34,6 +34,19 @@ class DomainDataModule(L.LightningDataModule):
         self.domains = list(domains)
         self.seed = seed
         self.datasets: dict[Split, EncodedDataset] = {}
+        self._resume: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the current epoch (saved in checkpoints): the batches done."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        batches = getattr(progress, "processed", progress.completed)  # typed as the base tracker
+        return {"epoch": int(trainer.current_epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = {k: int(v) for k, v in state_dict.items()}
 
     def encode(self, split: Split) -> EncodedDataset:
         if split not in self.datasets:
@@ -65,6 +78,8 @@ class DomainDataModule(L.LightningDataModule):
             int(self.cfg["length_group_buckets"]),
             self.seed,
         )
+        if self._resume:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"])
         return DataLoader(
             ds,
             batch_size=int(self.cfg["batch_size"]),

@@ -26,7 +26,7 @@ from loralab.training.common import (
     TrainableStateModule,
     build_trainer,
     configure_adamw_cosine,
-    resolve_ckpt_path,
+    start_checkpoint,
 )
 from loralab.training.random_experts import make_random_experts
 from moelora import MoELoraConfig, MoELoraModel, expert_usage, save_gate
@@ -185,9 +185,9 @@ def train_moelora(cfg: DictConfig) -> dict[str, Any]:
     datamodule = DomainDataModule(cfg.data, tokenizer, domains, seed=int(cfg.seed))
     checkpoint_dir = out / "checkpoints" / "moelora"
     trainer = build_trainer(cfg, run_name="moelora", checkpoint_dir=checkpoint_dir)
-    trainer.fit(
-        module, datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
-    )
+    retrain = bool(cfg.get("retrain", False))
+    start = start_checkpoint(cfg.get("ckpt_path"), checkpoint_dir, retrain, "moelora gate")
+    trainer.fit(module, datamodule, ckpt_path=start)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result: dict[str, Any] = {
         "gate_dir": str(out / "moelora"),

@@ -25,7 +25,7 @@ from loralab.training.common import (
     TrainableStateModule,
     build_trainer,
     configure_adamw_cosine,
-    resolve_ckpt_path,
+    start_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,9 @@ def train_xlora(cfg: DictConfig, adapters: Mapping[str, Path], out_dir: str | Pa
     datamodule = DomainDataModule(cfg.data, tokenizer, list(adapters), seed=int(cfg.seed))
     checkpoint_dir = out_dir / "checkpoints"
     trainer = build_trainer(cfg, run_name="xlora", checkpoint_dir=checkpoint_dir)
-    trainer.fit(
-        module, datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
-    )
+    retrain = bool(cfg.get("retrain", False))
+    start = start_checkpoint(cfg.get("ckpt_path"), checkpoint_dir, retrain, "X-LoRA classifier")
+    trainer.fit(module, datamodule, ckpt_path=start)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     with atomic_directory(out_dir / "xlora") as tmp:
         save_xlora_classifier(module.model, tmp, adapters, fingerprint, metrics)
