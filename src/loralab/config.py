@@ -16,6 +16,8 @@ def _wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", _wandb_offline)
+    if not OmegaConf.has_resolver("pid"):  # default run dirs: two runs started together differ
+        OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
 
 
 def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -77,3 +79,43 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cached_directory(target: str | Path, build: Callable[[Path], None]) -> Path:
+    """``target``, built once by ``build(tmp_dir)`` if absent: under a file lock beside it (a second
+    process waits, then finds it built) and atomically (``atomic_directory``), so concurrent runs
+    sharing a cache never see a half-written folder nor build it twice."""
+    target = Path(target)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not target.is_dir():
+            with atomic_directory(target) as tmp:
+                build(tmp)
+    return target
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process holds this run directory."""
+
+
+@contextlib.contextmanager
+def exclusive_run_dir(run_dir: str | Path) -> Iterator[Path]:
+    """Hold ``<run_dir>/.run.lock`` for a job's lifetime: a second job given the same run directory
+    stops at once with a clear error instead of writing into the first one's outputs (the lock is
+    released when the process ends, even on ``kill -9``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunDirInUse(
+            f"{run_dir} is in use by another running job: give this one its own "
+            "hydra.run.dir, or wait for the other to finish (then re-run to resume)"
+        ) from None
+    try:
+        yield run_dir
+    finally:
+        lock.release()

@@ -21,7 +21,7 @@ from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.config import to_container
 from loralab.data.datamodule import DomainDataModule
 from loralab.evaluation.plots import plot_gate_usage_by_layer, save_plot
-from loralab.io_utils import atomic_write_json
+from loralab.io_utils import atomic_write_json, exclusive_run_dir
 from loralab.training.common import (
     TrainableStateModule,
     build_trainer,
@@ -172,6 +172,11 @@ def resolve_expert_dirs(
 
 def train_moelora(cfg: DictConfig) -> dict[str, Any]:
     """Train the gate, save it to ``<output_dir>/moelora/`` and return paths, metrics and usage."""
+    with exclusive_run_dir(cfg.paths.output_dir):
+        return _train_moelora(cfg)
+
+
+def _train_moelora(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(int(cfg.seed), workers=True)
     out = Path(cfg.paths.output_dir)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir, device="cpu")

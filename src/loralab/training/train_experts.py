@@ -16,6 +16,7 @@ from loralab.config import to_container
 from loralab.data.datamodule import DomainDataModule
 from loralab.data.records import data_file_hashes
 from loralab.evaluation.expert_check import experts_beat_base, format_table, nll_matrix, save_table
+from loralab.io_utils import exclusive_run_dir
 from loralab.training.common import build_trainer, start_checkpoint
 from loralab.training.expert_module import LoRAExpertModule
 
@@ -101,6 +102,11 @@ def train_experts(cfg: DictConfig) -> dict[str, Any]:
     is kept and an interrupted expert resumes from its ``last.ckpt``, unless ``expert.retrain=true``:
     then every expert is trained again from scratch (its checkpoints deleted).
     """
+    with exclusive_run_dir(cfg.paths.output_dir):
+        return _train_experts(cfg)
+
+
+def _train_experts(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     fingerprint = weights_fingerprint(base)
