@@ -35,7 +35,7 @@ def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pipeline")
-    proc = _run(out, "logger=wandb")
+    proc = _run(out, "logger=wandb", "moelora.gate.temperature=0.5")  # reaches the gate stage
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -54,6 +54,12 @@ def test_pipeline_writes_every_output(smoke_run):
         assert (smoke_run / path).exists(), path
     assert {p.stem for p in (smoke_run / "plots").glob("*.png")} == PLOTS
     assert list((smoke_run / "wandb").glob("offline-run-*")), "W&B offline runs"
+
+
+def test_a_moelora_override_reached_the_gate(smoke_run):
+    from moelora import read_gate_metadata
+
+    assert read_gate_metadata(smoke_run / "moelora/moelora")["config"]["gate"]["temperature"] == 0.5
 
 
 def test_every_system_has_every_metric(smoke_run):
