@@ -147,16 +147,6 @@ def results() -> dict:
     return make_results()
 
 
-def test_fixture_is_schema_complete(results: dict) -> None:
-    validate_results(results)
-    keys = {(m["system"], m["set"], m["metric"]) for m in results["metrics"]}
-    for system in SYSTEMS:
-        for set_name in SETS:
-            assert {(system, set_name, "nll"), (system, set_name, "ppl")} <= keys
-            if set_name in DOMAINS:
-                assert (system, set_name, "gap_recovery") in keys
-
-
 def test_write_results_json_and_csv(results: dict, tmp_path: Path) -> None:
     results = copy.deepcopy(results)
     results["metrics"].append(_entry("arrow", "cost", "odd", float("nan")))

@@ -226,3 +226,59 @@ def test_bf16_mixed_training_step_on_gpu(compose_cfg):
     trainer = build_trainer(cfg, "law", Path(cfg.paths.output_dir) / "ckpt")
     trainer.fit(module, DomainDataModule(cfg.data, tok, ["law"]))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_training_learns_loss_falls_and_the_adapter_beats_the_untrained_one(compose_cfg, tmp_path):
+    """A tiny task the random model cannot know (every answer is one fixed sentence): the training
+    loss falls, and on held-out (test split) records the trained adapter's NLL beats the untrained."""
+    import lightning as L
+
+    from loralab.evaluation.nll import example_nll, mean_token_nll
+
+    data = tmp_path / "data"
+    data.mkdir()
+    answer = "The clause is void because the contract was never signed."
+    rows = [
+        {"id": f"law-{i}", "domain": "law", "instruction": f"Question {i}: is clause {i} valid?",
+         "response": answer}
+        for i in range(400)
+    ]  # fmt: skip
+    (data / "law.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = compose_cfg(
+        [f"data.root={data}", "data.max_train_per_domain=64", "trainer.max_steps=60",
+         "trainer.val_check_interval=60", "logger=none", "expert.optim.warmup_steps=2",
+         "expert.optim.lr=1e-2"]
+    )  # fmt: skip
+    losses: list[float] = []
+
+    class RecordLoss(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    base, tok = load_base_model(cfg.base_model)
+    module = LoRAExpertModule(base, cfg.expert.lora, cfg.expert.optim)
+    dm = DomainDataModule(cfg.data, tok, ["law"])
+    test_batches = list(dm.eval_dataloader("test"))
+    assert test_batches, "no held-out records"
+
+    def held_out_nll() -> float:
+        module.model.eval()
+        with torch.no_grad():
+            sums, counts = example_nll(
+                lambda b: (
+                    module.model(
+                        input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+                    ).logits
+                ),
+                test_batches,
+                "cpu",
+            )
+        return mean_token_nll(sums, counts)
+
+    untrained = held_out_nll()  # a fresh LoRA (B = 0) is the base model
+    trainer = build_trainer(cfg, "law", tmp_path / "ckpt", extra_callbacks=[RecordLoss()])
+    trainer.fit(module, dm)
+    trained = held_out_nll()
+    assert len(losses) == 60
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # the training loss falls (nats)
+    assert trained < untrained - 0.5  # the adapter beats the untrained one on held-out tokens
