@@ -63,9 +63,11 @@ def compose_stage(
     router) adds an unused key instead of failing, while ``moelora.gate.top_k=2`` reaches the gate.
     """
     from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
 
+    repository = GlobalHydra.instance().config_loader().repository  # type: ignore[attr-defined]
     forwarded = [
-        "++" + o.lstrip("+")
+        o if repository.group_exists(override_key(o)) else "++" + o.lstrip("+")  # logger=wandb
         for o in user_overrides
         if not o.startswith("~") and not override_key(o).startswith(_PIPELINE_ONLY)
     ]
