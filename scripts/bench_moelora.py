@@ -32,8 +32,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import loralab  # noqa: F401  (config resolvers)
+from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
-from loralab.moelora_training import make_random_experts
+from loralab.training.random_experts import make_random_experts
 from moelora import GateConfig, MoELoraConfig, MoELoraModel, load_gate, read_gate_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def moelora_config(args: argparse.Namespace, sparse: bool) -> MoELoraConfig:
 def build_method(name: str, base: Any, experts: dict[str, Path], args: argparse.Namespace) -> Any:
     from peft import PeftModel
 
-    from loralab.evaluation.baselines import build_arrow, build_xlora
+    from loralab.baselines import build_arrow, build_xlora
 
     first = str(experts[DOMAINS[0]])
     if name == "base":
@@ -286,6 +287,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(
                 "no trained experts under outputs/: pass --experts-dir or --random-experts"
             )
+        fingerprint = weights_fingerprint(base)
+        for d in DOMAINS:  # both adapter files' hashes and the base fingerprint, before any worker
+            verify_adapter(args.experts_dir / d, fingerprint)
         source = f"trained experts from {args.experts_dir}"
     del base
     print(f"experts: {source}", flush=True)

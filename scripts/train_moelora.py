@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import loralab  # noqa: F401  (registers config resolvers)
-from loralab.moelora_training import train_moelora
+from loralab.training.moelora_gate import train_moelora
 
 
 @hydra.main(config_path="../conf", config_name="train_moelora", version_base="1.3")

@@ -92,3 +92,37 @@ def test_cli_multirun_sweep(tmp_path):
     assert ranks == [2, 4]
     for job in ("0", "1"):
         assert (tmp_path / job / "adapters" / "code" / "adapter_model.safetensors").is_file()
+
+
+def test_pipeline_overrides_reach_their_stage_without_plus_plus(tmp_path):
+    """`moelora.*` / `router.*` / `expert.*` given to run_pipeline reach the stage that owns them."""
+    from hydra import initialize_config_dir
+
+    from loralab.pipeline import compose_stage
+
+    given = [
+        "moelora.gate.top_k=3",
+        "expert.lora.r=32",
+        "router.head.kind=mlp",
+        "data.max_length=99",
+    ]
+    given += ["pipeline.retrain=[all]", "eval.max_per_set=3", "logger=many"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        gate = compose_stage("train_moelora", "smoke", given, tmp_path / "moelora")
+        experts = compose_stage("train_experts", "smoke", given, tmp_path / "experts")
+        router = compose_stage("train_router", "smoke", given, tmp_path / "router")
+    assert gate.moelora.gate.top_k == 3 and gate.data.max_length == 99
+    assert experts.expert.lora.r == 32 and experts.data.max_length == 99
+    assert router.router.head.kind == "mlp" and router.data.max_length == 99
+    assert gate.paths.output_dir == str(tmp_path / "moelora")
+    assert set(gate.logger) == set(experts.logger) == {"csv", "wandb", "tensorboard"}  # a group
+    assert "pipeline" not in gate and "pipeline" not in experts  # pipeline-only keys stay there
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(  # Hydra accepts them on the pipeline's command line as written
+        [sys.executable, "scripts/run_pipeline.py", "experiment=smoke", *given[:3], "--cfg", "job"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]

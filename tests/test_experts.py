@@ -1,3 +1,4 @@
+import itertools
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from peft import PeftModel
 
 from loralab.artifacts import (
     ADAPTER_FILE,
+    SKIP_BASE_CHECK,
     AdapterVerificationError,
     load_expert,
     verify_adapter,
@@ -14,8 +16,8 @@ from loralab.artifacts import (
 )
 from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.data import DomainDataModule
-from loralab.data.records import file_sha256
-from loralab.training.common import build_trainer, resolve_ckpt_path, warmup_cosine
+from loralab.io_utils import file_sha256
+from loralab.training.common import build_trainer, configure_adamw_cosine, resolve_ckpt_path
 from loralab.training.expert_module import LoRAExpertModule
 
 
@@ -30,6 +32,7 @@ def test_smoke_training_writes_three_verified_adapters(smoke_experts):
         manifest = json.loads((d / "manifest.json").read_text())
         assert manifest["domain"] == domain
         assert manifest["adapter_sha256"] == file_sha256(d / ADAPTER_FILE)
+        assert manifest["adapter_config_sha256"] == file_sha256(d / "adapter_config.json")
         assert manifest["base_model"]["fingerprint"] == smoke_experts["base_fingerprint"]
         assert manifest["lora"]["r"] == 4
         assert set(manifest["data"]["files"]) == {f"{domain}.jsonl"}
@@ -62,23 +65,50 @@ def test_rerun_reuses_verified_adapters(smoke_experts):
     assert before == after
 
 
-def test_verify_refuses_tampered_file_and_other_base(smoke_experts, tmp_path):
+def test_verify_refuses_tampered_files_other_base_and_old_manifests(
+    smoke_experts, tmp_path, caplog
+):
     import shutil
 
+    fingerprint = smoke_experts["base_fingerprint"]
     src = Path(smoke_experts["adapters"]["law"])
     copy = tmp_path / "law"
     shutil.copytree(src, copy)
-    verify_adapter(copy, smoke_experts["base_fingerprint"])
+    assert verify_adapter(copy, fingerprint)["domain"] == "law"
     with pytest.raises(AdapterVerificationError, match="fingerprint"):
         verify_adapter(copy, "0" * 64)
+    with pytest.raises(TypeError):
+        verify_adapter(copy)  # type: ignore[call-arg]  # the fingerprint is not optional
+    with caplog.at_level("WARNING", logger="loralab.artifacts"):
+        verify_adapter(copy, SKIP_BASE_CHECK)  # explicit, and logged
+    assert "fingerprint check skipped" in caplog.text
+
+    config_path = copy / "adapter_config.json"
+    original_config = config_path.read_text()
+    config = json.loads(original_config)
+    config["r"], config["lora_alpha"] = 8, 64  # a changed rank / alpha, weights untouched
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AdapterVerificationError, match=r"adapter_config\.json: sha256"):
+        verify_adapter(copy, fingerprint)
+    config_path.write_text(original_config)
+    verify_adapter(copy, fingerprint)
+
     data = bytearray((copy / ADAPTER_FILE).read_bytes())
     data[-1] ^= 0xFF
     (copy / ADAPTER_FILE).write_bytes(bytes(data))
-    with pytest.raises(AdapterVerificationError, match="sha256"):
-        verify_adapter(copy)
+    with pytest.raises(AdapterVerificationError, match=r"adapter_model\.safetensors: sha256"):
+        verify_adapter(copy, fingerprint)
+
+    old = json.loads((copy / "manifest.json").read_text())
+    del old["adapter_config_sha256"]  # a manifest written before config hashing
+    (copy / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(
+        AdapterVerificationError, match=r"'adapter_config_sha256' is missing.*retrain"
+    ):
+        verify_adapter(copy, fingerprint)
     (copy / "manifest.json").unlink()
     with pytest.raises(AdapterVerificationError, match="manifest missing"):
-        verify_adapter(copy)
+        verify_adapter(copy, fingerprint)
 
 
 def _tiny_module(compose_cfg):
@@ -159,12 +189,20 @@ def test_resume_from_checkpoint_continues_at_the_same_step(compose_cfg, tmp_path
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), ckpt_dir)
 
 
-def test_warmup_cosine_schedule_numbers():
-    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
-    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+def test_lr_schedule_warms_up_then_decays_to_the_min_ratio():
+    param = torch.nn.Parameter(torch.zeros(1))
+    optim = {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}
+    scheduler = configure_adamw_cosine([param], optim, total_steps=100)["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(101):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5)  # linear warmup from 0
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine half way between 1 and 0.1
+    assert lrs[100] == pytest.approx(0.1)  # floor: min_lr_ratio * lr
+    assert all(x >= y for x, y in itertools.pairwise(lrs[10:]))
 
 
 def test_fingerprint_is_dtype_stable_and_weight_sensitive(compose_cfg):
@@ -188,3 +226,59 @@ def test_bf16_mixed_training_step_on_gpu(compose_cfg):
     trainer = build_trainer(cfg, "law", Path(cfg.paths.output_dir) / "ckpt")
     trainer.fit(module, DomainDataModule(cfg.data, tok, ["law"]))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_training_learns_loss_falls_and_the_adapter_beats_the_untrained_one(compose_cfg, tmp_path):
+    """A tiny task the random model cannot know (every answer is one fixed sentence): the training
+    loss falls, and on held-out (test split) records the trained adapter's NLL beats the untrained."""
+    import lightning as L
+
+    from loralab.evaluation.nll import example_nll, mean_token_nll
+
+    data = tmp_path / "data"
+    data.mkdir()
+    answer = "The clause is void because the contract was never signed."
+    rows = [
+        {"id": f"law-{i}", "domain": "law", "instruction": f"Question {i}: is clause {i} valid?",
+         "response": answer}
+        for i in range(400)
+    ]  # fmt: skip
+    (data / "law.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = compose_cfg(
+        [f"data.root={data}", "data.max_train_per_domain=64", "trainer.max_steps=60",
+         "trainer.val_check_interval=60", "logger=none", "expert.optim.warmup_steps=2",
+         "expert.optim.lr=1e-2"]
+    )  # fmt: skip
+    losses: list[float] = []
+
+    class RecordLoss(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    base, tok = load_base_model(cfg.base_model)
+    module = LoRAExpertModule(base, cfg.expert.lora, cfg.expert.optim)
+    dm = DomainDataModule(cfg.data, tok, ["law"])
+    test_batches = list(dm.eval_dataloader("test"))
+    assert test_batches, "no held-out records"
+
+    def held_out_nll() -> float:
+        module.model.eval()
+        with torch.no_grad():
+            sums, counts = example_nll(
+                lambda b: (
+                    module.model(
+                        input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+                    ).logits
+                ),
+                test_batches,
+                "cpu",
+            )
+        return mean_token_nll(sums, counts)
+
+    untrained = held_out_nll()  # a fresh LoRA (B = 0) is the base model
+    trainer = build_trainer(cfg, "law", tmp_path / "ckpt", extra_callbacks=[RecordLoss()])
+    trainer.fit(module, dm)
+    trained = held_out_nll()
+    assert len(losses) == 60
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # the training loss falls (nats)
+    assert trained < untrained - 0.5  # the adapter beats the untrained one on held-out tokens

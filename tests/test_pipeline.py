@@ -35,7 +35,7 @@ def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pipeline")
-    proc = _run(out, "logger=wandb")
+    proc = _run(out, "logger=wandb", "moelora.gate.temperature=0.5")  # reaches the gate stage
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -54,6 +54,32 @@ def test_pipeline_writes_every_output(smoke_run):
         assert (smoke_run / path).exists(), path
     assert {p.stem for p in (smoke_run / "plots").glob("*.png")} == PLOTS
     assert list((smoke_run / "wandb").glob("offline-run-*")), "W&B offline runs"
+
+
+def test_results_name_the_exact_artifacts_evaluated(smoke_run):
+    from loralab.io_utils import file_sha256
+    from moelora import read_gate_metadata
+
+    artifacts = json.loads((smoke_run / "results.json").read_text())["artifacts"]
+    for domain in ("law", "code", "medical"):
+        folder = smoke_run / "experts/adapters" / domain
+        assert artifacts["adapters"][domain] == {
+            "adapter_sha256": file_sha256(folder / "adapter_model.safetensors"),
+            "adapter_config_sha256": file_sha256(folder / "adapter_config.json"),
+        }
+    router_json = json.loads((smoke_run / "router/router/router.json").read_text())
+    assert artifacts["router"]["model_version"] == router_json["model_version"]
+    gate = smoke_run / "moelora/moelora"
+    assert artifacts["moelora_gate"]["gate_sha256"] == file_sha256(gate / "gate.safetensors")
+    assert artifacts["moelora_gate"]["gate_sha256"] == read_gate_metadata(gate)["gate_sha256"]
+    classifier = smoke_run / "xlora/xlora/xlora_classifier.safetensors"
+    assert artifacts["xlora_classifier"]["classifier_sha256"] == file_sha256(classifier)
+
+
+def test_a_moelora_override_reached_the_gate(smoke_run):
+    from moelora import read_gate_metadata
+
+    assert read_gate_metadata(smoke_run / "moelora/moelora")["config"]["gate"]["temperature"] == 0.5
 
 
 def test_every_system_has_every_metric(smoke_run):
@@ -127,6 +153,40 @@ def test_notebook_runs_on_the_smoke_results(smoke_run, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4
+
+
+def test_readme_notebook_command_as_written(smoke_run, tmp_path):
+    """`LORALAB_RUN_DIR=outputs/run_pipeline/<experiment> jupyter execute notebooks/compare.ipynb
+    --output=...` from the repository root, the run dir relative (the kernel runs in notebooks/)."""
+    import nbformat
+
+    name = f"pytest-notebook-{os.getpid()}"
+    link = REPO / "outputs" / "run_pipeline" / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(smoke_run, target_is_directory=True)
+    executed = tmp_path / "compare.ipynb"
+    try:
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "jupyter"),
+                "execute",
+                "notebooks/compare.ipynb",
+                f"--output={executed}",
+            ],
+            cwd=REPO,
+            env={**os.environ, "LORALAB_RUN_DIR": f"outputs/run_pipeline/{name}"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        link.unlink()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nb = nbformat.read(executed, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4
+    assert f"outputs/run_pipeline/{name}" in "".join(o.get("text", "") for o in outputs)
 
 
 def test_rerun_reuses_every_artifact(smoke_run):

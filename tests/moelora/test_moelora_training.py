@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from loralab.base_model import load_base_model
-from loralab.moelora_training import GateTrainingModule, train_moelora
+from loralab.training.moelora_gate import GateTrainingModule, train_moelora
 from moelora import MoELoraConfig, MoELoraModel, load_moelora
 
 

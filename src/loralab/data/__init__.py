@@ -1,4 +1,4 @@
-"""Domain data: records and splits (``records``), formatting (``formatting``), batching
+"""Domain data: records, splits and the per-config split loader (``records``), formatting (``formatting``), batching
 (``batching``), the Lightning DataModule (``datamodule``) and two-domain requests (``mixtures``).
 
 Names are imported lazily so that reading records does not import Lightning.
@@ -19,10 +19,10 @@ _EXPORTS = {
     "EncodedExample": "formatting",
     "encode_pair": "formatting",
     "prompt_text": "formatting",
+    "data_file_hashes": "records",
+    "domain_file": "records",
+    "load_domain_split": "records",
     "DomainDataModule": "datamodule",
-    "data_file_hashes": "datamodule",
-    "domain_file": "datamodule",
-    "load_domain_split": "datamodule",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -31,6 +31,8 @@ class LengthGroupedSampler(Sampler[int]):
     Like Hugging Face's sampler of that name: shuffle, cut into mega-batches of
     ``batch_size * buckets`` indices, sort each by length, then shuffle the batches, so padding
     stays small and batches still vary. ``set_epoch`` (called by Lightning) reshuffles.
+    ``resume_at(epoch, batches)`` makes the next pass over ``epoch`` skip its first ``batches``
+    batches (a run resumed mid-epoch sees exactly the batches it had not trained on).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, buckets: int = 50, seed: int = 0):
@@ -39,6 +41,10 @@ class LengthGroupedSampler(Sampler[int]):
         self.buckets = max(1, buckets)
         self.seed = seed
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, batches) of a resume
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        self._skip = (epoch, batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -56,7 +62,11 @@ class LengthGroupedSampler(Sampler[int]):
             batches.extend(
                 chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)
             )
-        for b in torch.randperm(len(batches), generator=g).tolist():
+        order_of_batches = torch.randperm(len(batches), generator=g).tolist()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            order_of_batches = order_of_batches[self._skip[1] :]
+        self._skip = None
+        for b in order_of_batches:
             yield from batches[b]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,51 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loralab.data.batching import EncodedDataset, LengthGroupedSampler, collate_examples
 from loralab.data.formatting import encode_pair
-from loralab.data.records import (
-    Record,
-    Split,
-    default_data_root,
-    file_sha256,
-    read_records,
-    select_split,
-)
-
-
-def data_root(data_cfg: Mapping[str, Any]) -> Path:
-    root = data_cfg.get("root")
-    return Path(root) if root else default_data_root()
-
-
-def domain_file(data_cfg: Mapping[str, Any], domain: str) -> Path:
-    files = data_cfg["files"]
-    if domain not in files:
-        raise KeyError(f"data.files has no entry for domain {domain!r} (known: {sorted(files)})")
-    return data_root(data_cfg) / str(files[domain])
-
-
-def split_cap(data_cfg: Mapping[str, Any], split: Split) -> int | None:
-    cap = data_cfg.get(f"max_{split}_per_domain")
-    return None if cap is None else int(cap)
-
-
-def load_domain_split(
-    data_cfg: Mapping[str, Any], domain: str, split: Split, limit: int | None = -1
-) -> list[Record]:
-    """Records of ``domain`` in ``split``; ``limit=-1`` uses the config's cap for that split."""
-    records = read_records(domain_file(data_cfg, domain), expected_domain=domain)
-    return select_split(
-        records,
-        split,
-        val_fraction=float(data_cfg["val_fraction"]),
-        test_fraction=float(data_cfg["test_fraction"]),
-        limit=split_cap(data_cfg, split) if limit == -1 else limit,
-    )
-
-
-def data_file_hashes(data_cfg: Mapping[str, Any], domains: Sequence[str]) -> dict[str, str]:
-    return {
-        str(domain_file(data_cfg, d).name): file_sha256(domain_file(data_cfg, d)) for d in domains
-    }
+from loralab.data.records import Split, load_domain_split
 
 
 class DomainDataModule(L.LightningDataModule):
@@ -79,6 +34,19 @@ class DomainDataModule(L.LightningDataModule):
         self.domains = list(domains)
         self.seed = seed
         self.datasets: dict[Split, EncodedDataset] = {}
+        self._resume: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the current epoch (saved in checkpoints): the batches done."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        batches = getattr(progress, "processed", progress.completed)  # typed as the base tracker
+        return {"epoch": int(trainer.current_epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = {k: int(v) for k, v in state_dict.items()}
 
     def encode(self, split: Split) -> EncodedDataset:
         if split not in self.datasets:
@@ -110,6 +78,8 @@ class DomainDataModule(L.LightningDataModule):
             int(self.cfg["length_group_buckets"]),
             self.seed,
         )
+        if self._resume:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"])
         return DataLoader(
             ds,
             batch_size=int(self.cfg["batch_size"]),

@@ -12,8 +12,7 @@ from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import Any
 
-from loralab.data.datamodule import load_domain_split
-from loralab.data.records import Record, spread_subset
+from loralab.data.records import Record, load_domain_split, spread_subset
 
 PAIR_TEMPLATE = "Answer both parts.\n\nPart 1:\n{first}\n\nPart 2:\n{second}"
 RESPONSE_TEMPLATE = "Part 1:\n{first}\n\nPart 2:\n{second}"

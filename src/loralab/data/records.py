@@ -3,7 +3,8 @@
 Every record is one JSON object per line with the fields of ``REQUIRED_FIELDS``. The split of a
 record into train / val / test is a pure function of its ``id`` (a SHA-256 hash), so every part of
 the project (experts, router, MoE-LoRA gate, evaluation) sees the same split without sharing state,
-and the test split is never trained on.
+and the test split is never trained on. ``load_domain_split(data_cfg, domain, split)`` reads one
+domain's split as a config describes it (every stage and the evaluation use it).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from loralab.io_utils import file_sha256
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -144,10 +147,41 @@ def spread_subset(items: Sequence[Record], limit: int | None) -> list[Record]:
     return [items[int(i * step)] for i in range(limit)]
 
 
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# ----------------------------------------------------------------------------- from config
+
+
+def data_root(data_cfg: Mapping[str, Any]) -> Path:
+    root = data_cfg.get("root")
+    return Path(root) if root else default_data_root()
+
+
+def domain_file(data_cfg: Mapping[str, Any], domain: str) -> Path:
+    files = data_cfg["files"]
+    if domain not in files:
+        raise KeyError(f"data.files has no entry for domain {domain!r} (known: {sorted(files)})")
+    return data_root(data_cfg) / str(files[domain])
+
+
+def split_cap(data_cfg: Mapping[str, Any], split: Split) -> int | None:
+    cap = data_cfg.get(f"max_{split}_per_domain")
+    return None if cap is None else int(cap)
+
+
+def load_domain_split(
+    data_cfg: Mapping[str, Any], domain: str, split: Split, limit: int | None = -1
+) -> list[Record]:
+    """Records of ``domain`` in ``split``; ``limit=-1`` uses the config's cap for that split."""
+    records = read_records(domain_file(data_cfg, domain), expected_domain=domain)
+    return select_split(
+        records,
+        split,
+        val_fraction=float(data_cfg["val_fraction"]),
+        test_fraction=float(data_cfg["test_fraction"]),
+        limit=split_cap(data_cfg, split) if limit == -1 else limit,
+    )
+
+
+def data_file_hashes(data_cfg: Mapping[str, Any], domains: Sequence[str]) -> dict[str, str]:
+    return {
+        str(domain_file(data_cfg, d).name): file_sha256(domain_file(data_cfg, d)) for d in domains
+    }

@@ -11,13 +11,10 @@ from omegaconf import DictConfig
 
 from loralab.artifacts import load_expert
 from loralab.base_model import load_base_model
+from loralab.baselines import build_arrow, build_xlora
 from loralab.data.records import Record
-from loralab.evaluation.baselines import (
-    build_arrow,
-    build_xlora,
-    load_xlora_classifier,
-)
 from loralab.evaluation.systems import Choice, ModelSystem, RequestLevelSystem, System, gold_choice
+from loralab.training.xlora import load_xlora_classifier
 
 log = logging.getLogger(__name__)
 

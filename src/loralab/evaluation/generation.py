@@ -1,25 +1,22 @@
-"""Greedy generation on a small sample: MBPP pass rate for code (run in a subprocess with a time and
-memory limit), ROUGE-L against the reference for law and medical."""
+"""Greedy generation on a small sample: MBPP pass rate for code (the model's code runs in the guarded
+sandbox of ``loralab.evaluation.sandbox``), ROUGE-L against the reference for law and medical."""
 
 from __future__ import annotations
 
 import json
 import re
-import resource
-import subprocess
-import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loralab.data.datamodule import data_root, load_domain_split
 from loralab.data.formatting import prompt_text
-from loralab.data.records import Record, spread_subset
+from loralab.data.records import Record, data_root, load_domain_split, spread_subset
+from loralab.evaluation.sandbox import run_checks
+
+__all__ = ["GenerationItem", "extract_code", "generate_reply", "generation_sets", "run_checks"]
 
 _CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
@@ -68,34 +65,6 @@ def extract_code(text: str) -> str:
     """The first fenced code block of a reply, or the whole reply when it has none."""
     match = _CODE_BLOCK.search(text)
     return match.group(1) if match else text
-
-
-def _limit_memory() -> None:  # runs in the child before exec
-    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-
-
-def run_checks(code: str, tests: Sequence[str], setup: str = "", timeout_s: float = 5.0) -> bool:
-    """Run generated ``code`` then the assert lines in an isolated Python subprocess.
-
-    Untrusted code: separate process (``-I``: no user site, no env paths), a temp working folder,
-    a wall-clock limit and a 2 GiB address-space limit. True when every assert passes.
-    """
-    program = "\n".join([setup, code, *tests])
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "candidate.py"
-        script.write_text(program, encoding="utf-8")
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-I", str(script)],
-                cwd=tmp,
-                capture_output=True,
-                timeout=timeout_s,
-                preexec_fn=_limit_memory,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            return False
-    return proc.returncode == 0
 
 
 def encode_prompt(

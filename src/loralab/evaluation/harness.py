@@ -12,16 +12,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning import seed_everything
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from loralab.artifacts import verify_adapter
+from loralab.artifacts import read_manifest, verify_adapter
 from loralab.base_model import load_base_model, resolve_device, weights_fingerprint
-from loralab.config import seed_everything, to_container
+from loralab.config import to_container
 from loralab.data.records import Record
 from loralab.evaluation.build import RouterChoices, build_systems
 from loralab.evaluation.cost import measure_system_cost
 from loralab.evaluation.generation import extract_code, generate_reply, generation_sets, run_checks
+from loralab.evaluation.sandbox import isolation
 from loralab.evaluation.sets import EvalSet, build_eval_sets
 from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests, rouge_l
 from loralab.evaluation.systems import (
@@ -259,6 +261,36 @@ def cost_metrics(
     return out
 
 
+def evaluated_artifacts(
+    manifests: Mapping[str, Mapping[str, Any]],
+    systems: Mapping[str, System],
+    choices: RouterChoices | None,
+    moelora_dir: str | Path | None,
+    xlora_dir: str | Path | None,
+) -> dict[str, Any]:
+    """The exact files evaluated: each adapter's sha256 (weights and config), the router's model
+    version, the MoE-LoRA gate's and the X-LoRA classifier's sha256 (those of the systems run)."""
+    out: dict[str, Any] = {
+        "adapters": {
+            d: {
+                "adapter_sha256": m["adapter_sha256"],
+                "adapter_config_sha256": m["adapter_config_sha256"],
+            }
+            for d, m in manifests.items()
+        }
+    }
+    if choices is not None:
+        out["router"] = {"model_version": choices.router.model_version}
+    if "moelora" in systems and moelora_dir is not None:
+        from moelora import read_gate_metadata
+
+        out["moelora_gate"] = {"gate_sha256": read_gate_metadata(moelora_dir)["gate_sha256"]}
+    if "xlora" in systems and xlora_dir is not None:
+        xlora_manifest = read_manifest(xlora_dir)
+        out["xlora_classifier"] = {"classifier_sha256": xlora_manifest["classifier_sha256"]}
+    return out
+
+
 def evaluate(
     cfg: DictConfig,
     experts_dir: str | Path,
@@ -267,7 +299,7 @@ def evaluate(
     xlora_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The head-to-head comparison: every system in ``cfg.eval.systems`` on every set."""
-    seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed), workers=True)
     started = time.perf_counter()
     device = resolve_device(cfg.base_model.get("device", "auto"))
     experts = [str(d) for d in cfg.data.domains]
@@ -275,8 +307,7 @@ def evaluate(
     fingerprint = weights_fingerprint(base)
     del base
     adapters = {d: Path(experts_dir) / d for d in experts}
-    for path in adapters.values():
-        verify_adapter(path, fingerprint)
+    manifests = {d: verify_adapter(path, fingerprint) for d, path in adapters.items()}
     pad_id = int(tokenizer.pad_token_id)
     sets = build_eval_sets(cfg.data, cfg.eval, tokenizer, experts)
     systems, choices = build_systems(cfg, adapters, fingerprint, router_dir, moelora_dir, xlora_dir)
@@ -349,5 +380,7 @@ def evaluate(
         "routing": routing,
         "generations": generations,
         "base_fingerprint": fingerprint,
+        "artifacts": evaluated_artifacts(manifests, systems, choices, moelora_dir, xlora_dir),
+        "sandbox": isolation() if generations else None,
         "elapsed_s": time.perf_counter() - started,
     }

@@ -8,10 +8,8 @@ backend state and a figure is freed once it goes out of scope.
 
 from __future__ import annotations
 
-import contextlib
+import io
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from loralab.evaluation.stats import pareto_front
+from loralab.io_utils import atomic_write_bytes
 
 # loralab.data.records.DOMAINS, not imported: loralab.data pulls in lightning (seconds) for a tuple.
 DOMAINS = ("law", "code", "medical")
@@ -332,17 +331,34 @@ PLOTS: dict[str, tuple[str, PlotFn, str]] = {
 
 def _save_figure(fig: Figure, path: Path) -> None:
     """Write a PNG atomically (temp file in the same folder + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_gate_usage_by_layer(usage: Mapping[str, Any]) -> Figure:
+    """Gate training's validation usage: one panel per domain, mean gate weight per wrapped layer
+    (rows, model order) and slot (columns); ``usage`` is ``GateTrainingModule.last_usage``."""
+    domains, slots = usage["domains"], usage["slots"]
+    fig = _new_figure(2.2 * len(domains) + 1, 6)
+    axes = fig.subplots(1, len(domains), squeeze=False)[0]
+    images = []
+    for ax, domain, grid in zip(axes, domains, usage["per_layer"], strict=True):  # grid [L, S]
+        image = ax.imshow(
+            grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest"
+        )
+        ax.set_title(f"{domain} tokens")
+        ax.set_xticks(range(len(slots)), slots, rotation=45)
+        images.append(image)
+    axes[0].set_ylabel("wrapped layer (model order)")
+    fig.colorbar(images[0], ax=axes.tolist(), label="mean gate weight")
+    return fig
+
+
+def save_plot(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (atomically) and return the path."""
+    _save_figure(fig, Path(path))
+    return Path(path)
 
 
 def write_plots(

@@ -10,10 +10,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loralab.data.batching import collate_examples
-from loralab.data.datamodule import load_domain_split
 from loralab.data.formatting import EncodedExample, encode_pair
 from loralab.data.mixtures import two_domain_records
-from loralab.data.records import Record
+from loralab.data.records import Record, load_domain_split
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from lightning import seed_everything
 from omegaconf import DictConfig
 
 from loralab.base_model import load_base_model, resolve_device
-from loralab.config import seed_everything
 from loralab.data.datamodule import DomainDataModule
 from loralab.training.common import configure_adamw_cosine
 from loralab.training.expert_module import LoRAExpertModule
@@ -30,7 +30,7 @@ def bench_train(cfg: DictConfig) -> dict[str, Any]:
     Uses the expert's model, optimizer, batch size, sequence length and precision from ``cfg``.
     ``tokens_per_s`` counts real (non-padding) tokens; ``padded_tokens_per_s`` all positions.
     """
-    seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed), workers=True)
     device = resolve_device(cfg.base_model.get("device", "auto"))
     base, tok = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     module = LoRAExpertModule(base, cfg.expert.lora, cfg.expert.optim).to(device)

@@ -6,33 +6,44 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lightning import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from loralab.artifacts import MANIFEST, load_expert, verify_adapter, write_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
-from loralab.config import seed_everything, to_container
-from loralab.data.datamodule import DomainDataModule, data_file_hashes
+from loralab.config import to_container
+from loralab.data.datamodule import DomainDataModule
+from loralab.data.records import data_file_hashes
 from loralab.evaluation.expert_check import experts_beat_base, format_table, nll_matrix, save_table
-from loralab.training.common import build_trainer, resolve_ckpt_path
+from loralab.io_utils import exclusive_run_dir
+from loralab.training.common import build_trainer, start_checkpoint
 from loralab.training.expert_module import LoRAExpertModule
 
 log = logging.getLogger(__name__)
 
 
 def train_one_expert(
-    cfg: DictConfig, domain: str, tokenizer: Any, fingerprint: str, target: Path
+    cfg: DictConfig,
+    domain: str,
+    tokenizer: Any,
+    fingerprint: str,
+    target: Path,
+    retrain: bool = False,
 ) -> dict[str, Any]:
-    """Fit a LoRA on ``domain``'s train split (val for validation) and write it to ``target``."""
-    seed_everything(int(cfg.seed))
+    """Fit a LoRA on ``domain``'s train split (val for validation) and write it to ``target``.
+
+    An interrupted run resumes from ``<run>/checkpoints/<domain>/last.ckpt``; ``retrain`` deletes
+    those checkpoints first and trains from scratch.
+    """
+    seed_everything(int(cfg.seed), workers=True)
     base, _ = load_base_model(cfg.base_model, cfg.paths.cache_dir, device="cpu")
     module = LoRAExpertModule(base, cfg.expert.lora, cfg.expert.optim)
     datamodule = DomainDataModule(cfg.data, tokenizer, [domain], seed=int(cfg.seed))
     checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints" / domain
     trainer = build_trainer(cfg, run_name=domain, checkpoint_dir=checkpoint_dir)
-    trainer.fit(
-        module, datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
-    )
+    start = start_checkpoint(cfg.get("ckpt_path"), checkpoint_dir, retrain, f"expert {domain}")
+    trainer.fit(module, datamodule, ckpt_path=start)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_score if isinstance(ckpt_cb, ModelCheckpoint) else None
@@ -88,8 +99,14 @@ def train_experts(cfg: DictConfig) -> dict[str, Any]:
     """Train (or reuse) one expert per ``cfg.expert.domains``, then run the expert check.
 
     Adapters land in ``<output_dir>/adapters/<domain>/``; a complete, verified adapter already there
-    is kept unless ``expert.retrain=true`` (so re-running in the same run dir resumes).
+    is kept and an interrupted expert resumes from its ``last.ckpt``, unless ``expert.retrain=true``:
+    then every expert is trained again from scratch (its checkpoints deleted).
     """
+    with exclusive_run_dir(cfg.paths.output_dir):
+        return _train_experts(cfg)
+
+
+def _train_experts(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     fingerprint = weights_fingerprint(base)
@@ -102,7 +119,8 @@ def train_experts(cfg: DictConfig) -> dict[str, Any]:
             verify_adapter(target, fingerprint)
             log.info("expert %s: reusing %s", domain, target)
         else:
-            train_one_expert(cfg, domain, tokenizer, fingerprint, target)
+            retrain = bool(cfg.expert.retrain)
+            train_one_expert(cfg, domain, tokenizer, fingerprint, target, retrain)
         adapters[domain] = target
     result: dict[str, Any] = {
         "adapters": {d: str(p) for d, p in adapters.items()},

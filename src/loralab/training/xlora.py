@@ -1,45 +1,89 @@
-"""PEFT's own mixtures over the same frozen experts, for side-by-side comparison: X-LoRA and Arrow."""
+"""Train, save and load PEFT X-LoRA's scaling classifier over the frozen experts: the baseline for
+MoE-LoRA, with the same data, steps and optimizer settings as the MoE-LoRA gate
+(``cfg.moelora.optim``, ``cfg.trainer``). The classifier is saved as safetensors with a manifest
+binding it to its experts' hashes and the base fingerprint; loading verifies all of them."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import ArrowConfig, PeftModel, XLoraConfig, create_arrow_model, get_peft_model
+from lightning import seed_everything
+from omegaconf import DictConfig
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel
 
-from loralab.artifacts import MANIFEST, AdapterVerificationError, read_manifest
-from loralab.data.records import file_sha256
-from loralab.io_utils import atomic_write_json
+from loralab.artifacts import MANIFEST, AdapterVerificationError, read_manifest, verify_adapter
+from loralab.base_model import load_base_model, weights_fingerprint
+from loralab.baselines import build_xlora
+from loralab.data.datamodule import DomainDataModule
+from loralab.io_utils import atomic_directory, atomic_write_json, file_sha256
+from loralab.training.common import (
+    TrainableStateModule,
+    build_trainer,
+    configure_adamw_cosine,
+    start_checkpoint,
+)
+
+log = logging.getLogger(__name__)
 
 XLORA_CLASSIFIER_FILE = "xlora_classifier.safetensors"
 XLORA_MANIFEST_FILE = MANIFEST  # read with read_manifest, like an adapter's
 XLORA_FORMAT = "loralab-xlora-classifier/1"
 
 
-def build_xlora(
-    base: PreTrainedModel,
-    adapters: Mapping[str, str | Path],
-    depth: int = 1,
-    layerwise: bool = True,
-) -> PeftModel:
-    """PEFT X-LoRA over ``adapters`` (in order); only its scaling classifier is trainable.
+class XLoraTrainingModule(TrainableStateModule):
+    """Next-token loss on response tokens; only X-LoRA's classifier has ``requires_grad``."""
 
-    X-LoRA needs the KV cache off, and the installed peft fails with named adapters, so they are
-    registered as "0", "1", ... in the order of ``adapters``.
-    """
-    base.config.use_cache = False
-    config = XLoraConfig(
-        task_type="CAUSAL_LM",
-        hidden_size=base.config.hidden_size,
-        adapters={str(i): str(p) for i, p in enumerate(adapters.values())},
-        xlora_depth=depth,
-        layerwise_scalings=layerwise,
-    )
-    return get_peft_model(base, config)
+    def __init__(self, model: Any, optim_cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model = model.train()
+        self.optim_cfg = dict(optim_cfg)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["attention_mask"].sum()))
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        n_targets = max(1, int((batch["labels"][:, 1:] != -100).sum()))
+        self.log("val/loss", self(batch), prog_bar=True, batch_size=n_targets, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        return configure_adamw_cosine(self.model.parameters(), self.optim_cfg, self.total_steps())
+
+
+def train_xlora(cfg: DictConfig, adapters: Mapping[str, Path], out_dir: str | Path) -> Path:
+    """Train X-LoRA on the union of the domain train splits; write ``<out_dir>/xlora/`` (the
+    classifier + a manifest naming its experts and base model). Resumes with ``ckpt_path=last``."""
+    seed_everything(int(cfg.seed), workers=True)
+    out_dir = Path(out_dir)
+    base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir, device="cpu")
+    fingerprint = weights_fingerprint(base)
+    for path in adapters.values():
+        verify_adapter(path, fingerprint)
+    module = XLoraTrainingModule(build_xlora(base, adapters), cfg.moelora.optim)
+    datamodule = DomainDataModule(cfg.data, tokenizer, list(adapters), seed=int(cfg.seed))
+    checkpoint_dir = out_dir / "checkpoints"
+    trainer = build_trainer(cfg, run_name="xlora", checkpoint_dir=checkpoint_dir)
+    retrain = bool(cfg.get("retrain", False))
+    start = start_checkpoint(cfg.get("ckpt_path"), checkpoint_dir, retrain, "X-LoRA classifier")
+    trainer.fit(module, datamodule, ckpt_path=start)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    with atomic_directory(out_dir / "xlora") as tmp:
+        save_xlora_classifier(module.model, tmp, adapters, fingerprint, metrics)
+    log.info("X-LoRA classifier written to %s", out_dir / "xlora")
+    return out_dir / "xlora"
 
 
 def xlora_classifier_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -123,16 +167,3 @@ def load_xlora_classifier(
         for name, value in state.items():
             params[name].copy_(value)
     return dict(manifest)
-
-
-def build_arrow(
-    base: PreTrainedModel,
-    adapters: Mapping[str, str | Path],
-    top_k: int = 3,
-    temperature: float = 1.0,
-) -> PeftModel:
-    """PEFT Arrow: training-free per-token routing by the experts' SVD prototypes."""
-    config = ArrowConfig(
-        top_k=min(top_k, len(adapters)), router_temperature=temperature, rng_seed=0
-    )
-    return create_arrow_model(base, [str(p) for p in adapters.values()], config)

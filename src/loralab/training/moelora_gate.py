@@ -7,33 +7,33 @@ per-domain expert usage measured on the validation split.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+from lightning import seed_everything
 from omegaconf import DictConfig
-from peft import LoraConfig, get_peft_model
 
-from loralab.artifacts import write_adapter
+from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
-from loralab.config import seed_everything, to_container
+from loralab.config import to_container
 from loralab.data.datamodule import DomainDataModule
-from loralab.io_utils import atomic_write_json
+from loralab.evaluation.plots import plot_gate_usage_by_layer, save_plot
+from loralab.io_utils import atomic_write_json, exclusive_run_dir
 from loralab.training.common import (
     TrainableStateModule,
     build_trainer,
     configure_adamw_cosine,
-    resolve_ckpt_path,
+    start_checkpoint,
 )
+from loralab.training.random_experts import make_random_experts
 from moelora import MoELoraConfig, MoELoraModel, expert_usage, save_gate
 
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, torch.Tensor]
-LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class GateTrainingModule(TrainableStateModule):
@@ -137,40 +137,6 @@ class GateTrainingModule(TrainableStateModule):
         )
 
 
-def make_random_experts(
-    base: torch.nn.Module,
-    names: Sequence[str],
-    target_root: str | Path,
-    fingerprint: str,
-    base_name: str,
-    r: int = 16,
-    lora_alpha: int = 32,
-    seed: int = 0,
-) -> dict[str, Path]:
-    """PEFT adapters with random A and B on every linear of ``base``, written like real experts.
-
-    For smoke runs and benchmarks only: they carry no domain knowledge.
-    """
-    folders: dict[str, Path] = {}
-    for index, name in enumerate(names):
-        torch.manual_seed(seed + index)
-        config = LoraConfig(
-            r=r, lora_alpha=lora_alpha, target_modules=LINEAR_TARGETS, init_lora_weights=False
-        )
-        peft_model = get_peft_model(copy.deepcopy(base), config)
-        folders[name] = Path(target_root) / name
-        write_adapter(
-            peft_model,
-            folders[name],
-            {
-                "domain": name,
-                "base_model": {"name": base_name, "fingerprint": fingerprint},
-                "random_expert": True,
-            },
-        )
-    return folders
-
-
 def resolve_expert_dirs(
     cfg: DictConfig, base: torch.nn.Module, fingerprint: str
 ) -> tuple[dict[str, Path], bool]:
@@ -183,6 +149,8 @@ def resolve_expert_dirs(
         missing = [n for n in names if not (root / n).is_dir()]
         if missing:
             raise FileNotFoundError(f"experts_dir={root}: no expert folder for {missing}")
+        for n in names:  # both adapter files' hashes and the base fingerprint
+            verify_adapter(root / n, fingerprint)
         return {n: root / n for n in names}, False
     random_cfg = cfg.moelora.random_experts
     if not random_cfg.enabled:
@@ -204,7 +172,12 @@ def resolve_expert_dirs(
 
 def train_moelora(cfg: DictConfig) -> dict[str, Any]:
     """Train the gate, save it to ``<output_dir>/moelora/`` and return paths, metrics and usage."""
-    seed_everything(int(cfg.seed))
+    with exclusive_run_dir(cfg.paths.output_dir):
+        return _train_moelora(cfg)
+
+
+def _train_moelora(cfg: DictConfig) -> dict[str, Any]:
+    seed_everything(int(cfg.seed), workers=True)
     out = Path(cfg.paths.output_dir)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir, device="cpu")
     fingerprint = weights_fingerprint(base)
@@ -217,9 +190,9 @@ def train_moelora(cfg: DictConfig) -> dict[str, Any]:
     datamodule = DomainDataModule(cfg.data, tokenizer, domains, seed=int(cfg.seed))
     checkpoint_dir = out / "checkpoints" / "moelora"
     trainer = build_trainer(cfg, run_name="moelora", checkpoint_dir=checkpoint_dir)
-    trainer.fit(
-        module, datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir)
-    )
+    retrain = bool(cfg.get("retrain", False))
+    start = start_checkpoint(cfg.get("ckpt_path"), checkpoint_dir, retrain, "moelora gate")
+    trainer.fit(module, datamodule, ckpt_path=start)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result: dict[str, Any] = {
         "gate_dir": str(out / "moelora"),
@@ -245,32 +218,11 @@ def train_moelora(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def save_usage_heatmap(usage: Mapping[str, Any], path: Path) -> None:
-    """One panel per domain: mean gate weight per wrapped layer (rows) and slot (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    domains, slots = usage["domains"], usage["slots"]
-    fig, axes = plt.subplots(1, len(domains), figsize=(2.2 * len(domains) + 1, 6), squeeze=False)
-    for ax, domain, grid in zip(axes[0], domains, usage["per_layer"], strict=True):
-        image = ax.imshow(
-            grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest"
-        )
-        ax.set_title(f"{domain} tokens")
-        ax.set_xticks(range(len(slots)), slots, rotation=45)
-    axes[0][0].set_ylabel("wrapped layer (model order)")
-    fig.colorbar(image, ax=axes[0].tolist(), label="mean gate weight")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _log_usage(trainer: Any, usage: Mapping[str, Any], image_path: Path) -> None:
     """Save the usage heatmap and send the usage table and image to W&B when it is a logger."""
     from lightning.pytorch.loggers import WandbLogger
 
-    save_usage_heatmap(usage, image_path)
+    save_plot(plot_gate_usage_by_layer(usage), image_path)
     rows = [[d, *row] for d, row in zip(usage["domains"], usage["mean"], strict=True)]
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
