@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from loralab.routing.metrics import classification_report, coverage_risk_curve, latency_summary
 from router import Decision, Router
 from router.classifier import DescriptionPrior
 from router.encoders import Encoder
-from loralab.routing.metrics import classification_report, coverage_risk_curve, latency_summary
 
 
 def evaluate_router(

@@ -109,7 +109,9 @@ def symptoms_disease(instruction: str, response: str) -> tuple[str, list[str]] |
     return (m.group(1), symptoms) if len(symptoms) >= 3 else None
 
 
-def vignette(key: str, disease: str, symptoms: Sequence[str], diseases: Sequence[str]) -> str | None:
+def vignette(
+    key: str, disease: str, symptoms: Sequence[str], diseases: Sequence[str]
+) -> str | None:
     """A short clinical vignette of three of ``symptoms``, asking for the diagnosis."""
     h = stable_int(key, "vignette")
     age = 18 + h % 70
