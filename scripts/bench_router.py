@@ -5,7 +5,8 @@
     python scripts/bench_router.py --single-threads 2       # torch's default threads for one request
 
 Requests are held-out test-split instructions of all four labels (real lengths, truncated by the
-encoder at its token limit) and, separately, the short hand-written exam-style probe questions.
+encoder at its token limit) and, separately, the frozen exam-style check's multiple-choice questions
+(question and four options; only their text is used).
 One-request timings use one torch thread by default: on 2 cores shared with other jobs a second
 thread mostly waits for a descheduled partner (p50 several times worse); batches use torch's
 default.
@@ -27,7 +28,7 @@ import loralab  # noqa: F401  (config resolvers)
 from loralab.data.records import default_data_root
 from loralab.routing.datasets import read_label_records, split_examples
 from loralab.routing.evaluate import batch_throughput, measure_latency
-from loralab.routing.probes import probe_items
+from loralab.routing.exam_check import exam_items
 from router import Router
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,11 +78,11 @@ def main() -> None:
     records = read_label_records(default_data_root(), FILES)
     test = split_examples(records, "test", 0.05, 0.05, max_per_label=args.n // 4 + 1)
     requests = [e.text for e in test][: args.n]
-    probes = [t for t, _ in probe_items()]
+    exam = [i.text for i in exam_items()][: args.n]
 
     torch.set_num_threads(args.single_threads)
     single = measure_latency(router, requests)
-    short = measure_latency(router, probes)
+    short = measure_latency(router, exam)
     torch.set_num_threads(args.batch_threads or default_threads)
     batch_rps = batch_throughput(router, requests * 2, args.batch_size)
     summary = {
@@ -94,9 +95,9 @@ def main() -> None:
         "overhead_ratio": round(single["overhead_ratio"], 4),
         "batch_rps": round(batch_rps, 1),
         "batch_size": args.batch_size,
-        "short_p50_ms": round(short["p50_ms"], 3),
-        "short_p99_ms": round(short["p99_ms"], 3),
-        "short_overhead_ratio": round(short["overhead_ratio"], 4),
+        "exam_p50_ms": round(short["p50_ms"], 3),
+        "exam_p99_ms": round(short["p99_ms"], 3),
+        "exam_overhead_ratio": round(short["overhead_ratio"], 4),
         "single_threads": args.single_threads,
         "batch_threads": args.batch_threads or default_threads,
         "cpu": platform.processor() or platform.machine(),
@@ -108,7 +109,8 @@ def main() -> None:
         f"encoder p50 {summary['encoder_p50_ms']} ms, overhead x{summary['overhead_ratio']}"
     )
     print(
-        f"short exam-style questions: p50 {summary['short_p50_ms']} ms, p99 {summary['short_p99_ms']} ms"
+        f"exam-style multiple-choice questions: p50 {summary['exam_p50_ms']} ms, "
+        f"p99 {summary['exam_p99_ms']} ms"
     )
     print(f"batched ({args.batch_size}): {summary['batch_rps']} requests/s")
     print(json.dumps(summary))

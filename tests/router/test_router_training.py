@@ -127,7 +127,15 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path) -> None:
     metrics = json.loads((run / "router_metrics.json").read_text())
     assert result["model_version"] == metrics["model_version"]
     assert metrics["sets"]["test"]["accuracy"] >= 0.9
-    assert set(metrics["sets"]) == {"test", "out_of_style", "probe"}
+    assert set(metrics["sets"]) == {"test", "out_of_style", "probe", "exam_dev", "exam_sealed"}
+    exam = metrics["sets"]["exam_dev"]
+    assert (
+        exam["n"] == 118 and sum(exam["per_label"][k]["support"] for k in exam["per_label"]) == 118
+    )
+    for k in ("ece", "coverage", "expert_risk", "confident_errors", "caught_errors"):
+        assert 0.0 <= exam[k] <= 1.0
+    # generated views were made from the toy records and trained on
+    assert metrics["router"]["n_train"] > 4 * 40 * 2
     assert set(metrics["baselines"]["test"]) == {
         "logreg_plain",
         "nearest_centroid",

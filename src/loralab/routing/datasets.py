@@ -21,9 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loralab.data.records import Record, read_records, split_of, spread_subset
+from loralab.routing import views as gen
 
 LABEL_FILE_KEYS = {"law": "law", "code": "code", "medical": "medical", "base": "general"}
-VIEWS = ("instruction", "last_paragraph", "response")
+VIEWS = (
+    "instruction",
+    "last_paragraph",
+    "response",
+    "multiple_choice",
+    "vignette",
+    "response_sentence",
+)
+GENERATED_VIEWS = ("multiple_choice", "vignette", "response_sentence")
 _TASK = re.compile(r"tasks/([^/]+)/")
 _FIELD_PREFIX = re.compile(
     r"^(Q|Question|Facts|Clause|Sentence|Text|Excerpt|Contract|Input)\s*:\s*", re.I
@@ -58,10 +67,43 @@ def last_paragraph(text: str, min_chars: int = 20) -> str | None:
     return last if len(last) >= min_chars else None
 
 
+@dataclass(frozen=True)
+class ViewPools:
+    """Same-label material the generated views draw on: first sentences of answers (distractor
+    options) and, for vignettes, the disease names of MedQuAD symptom records."""
+
+    answers: tuple[str, ...] = ()
+    diseases: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, records: Sequence[Record]) -> ViewPools:
+        answers = {a for r in records if (a := gen.first_sentence(r.response)) is not None}
+        diseases = {
+            sd[0] for r in records if (sd := gen.symptoms_disease(r.instruction, r.response))
+        }
+        return cls(tuple(sorted(answers)), tuple(sorted(diseases)))
+
+
+def question_of(record: Record, max_chars: int = 600) -> str:
+    """The record's question without its template: its last paragraph that asks (ends with "?"),
+    else its last paragraph, else the instruction
+    (cut to ``max_chars`` on a word, so a long contract excerpt does not drown the options)."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", record.instruction) if p.strip()]
+    asks = [p for p in paragraphs if p.endswith("?")]
+    q = asks[-1] if asks else (last_paragraph(record.instruction) or record.instruction.strip())
+    q = _FIELD_PREFIX.sub("", q)
+    return q if len(q) <= max_chars else q[:max_chars].rsplit(" ", 1)[0]
+
+
 def record_views(
-    record: Record, views: Sequence[str], min_response_chars: int
+    record: Record,
+    views: Sequence[str],
+    min_response_chars: int,
+    pools: ViewPools | None = None,
 ) -> list[tuple[str, str]]:
-    """``(view, text)`` pairs of a record for the requested views (``VIEWS``)."""
+    """``(view, text)`` pairs of a record for the requested views (``VIEWS``); a generated view
+    (``GENERATED_VIEWS``, see ``loralab.routing.views``) needs ``pools`` and is skipped where the
+    record does not lend itself to it."""
     unknown = set(views) - set(VIEWS)
     if unknown:
         raise ValueError(f"unknown training view(s) {sorted(unknown)}; expected some of {VIEWS}")
@@ -74,6 +116,21 @@ def record_views(
             out.append(("last_paragraph", last))
     if "response" in views and len(record.response) >= min_response_chars:
         out.append(("response", record.response))
+    if pools is None:
+        return out
+    if "multiple_choice" in views and (answer := gen.first_sentence(record.response)):
+        mc = gen.multiple_choice(record.id, question_of(record), answer, pools.answers)
+        if mc is not None:
+            out.append(("multiple_choice", mc))
+    if "vignette" in views and (sd := gen.symptoms_disease(record.instruction, record.response)):
+        v = gen.vignette(record.id, sd[0], sd[1], pools.diseases)
+        if v is not None:
+            out.append(("vignette", v))
+    if "response_sentence" in views and len(record.response) >= min_response_chars:
+        sentences = gen.prose_sentences(record.response)
+        if sentences:
+            pick = sentences[gen.stable_int(record.id, "sentence") % len(sentences)]
+            out.append(("response_sentence", pick))
     return out
 
 
@@ -96,11 +153,15 @@ def split_examples(
     views: Sequence[str] = ("instruction",),
     min_response_chars: int = 80,
     exclude_groups: Iterable[str] = (),
+    max_generated_per_label: int | None = None,
 ) -> list[Example]:
     """Examples of one split: at most ``max_per_label`` records per label (one number, or a
     mapping label -> number; spread over each file, which is grouped by source), each expanded
-    into its ``views``."""
+    into its ``views``. Generated views are made for at most ``max_generated_per_label`` of
+    those records (spread likewise), drawing distractors from the same label's chosen records."""
     excluded = set(exclude_groups)
+    plain = [v for v in views if v not in GENERATED_VIEWS]
+    generated = [v for v in views if v in GENERATED_VIEWS]
     out = []
     for label, recs in records.items():
         chosen = [
@@ -110,12 +171,19 @@ def split_examples(
             and source_group(r) not in excluded
         ]
         cap = max_per_label.get(label) if isinstance(max_per_label, Mapping) else max_per_label
-        for r in spread_subset(chosen, cap):
-            group = source_group(r)
+        kept = spread_subset(chosen, cap)
+        for r in kept:
             out += [
-                Example(text, label, group, view)
-                for view, text in record_views(r, views, min_response_chars)
+                Example(text, label, source_group(r), view)
+                for view, text in record_views(r, plain, min_response_chars)
             ]
+        if generated:
+            pools = ViewPools.of(kept)
+            for r in spread_subset(kept, max_generated_per_label):
+                out += [
+                    Example(text, label, source_group(r), view)
+                    for view, text in record_views(r, generated, min_response_chars, pools)
+                ]
     return out
 
 

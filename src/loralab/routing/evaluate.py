@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from router import Router
+from loralab.routing.metrics import classification_report, coverage_risk_curve, latency_summary
+from router import Decision, Router
 from router.classifier import DescriptionPrior
 from router.encoders import Encoder
-from router.metrics import classification_report, coverage_risk_curve, latency_summary
 
 
 def evaluate_router(
@@ -35,9 +35,31 @@ def evaluate_router(
         float(np.mean([d.abstained for d in decisions])) if decisions else 0.0
     )
     report["reasons"] = dict(Counter(d.reason.value for d in decisions))
+    report.update(selective_summary(decisions, y, labels, router.base_label))
     report["per_group_accuracy"] = group_accuracy(final == y, groups)
     report["coverage_risk"] = coverage_risk_curve(scores.probs.max(axis=1), raw == y)
     return report
+
+
+def selective_summary(
+    decisions: Sequence[Decision], y: np.ndarray, labels: Sequence[str], base_label: str
+) -> dict[str, float]:
+    """What abstention buys: of the requests sent to an expert (``coverage`` = their share), the
+    share sent to the wrong one (``expert_risk``); ``confident_errors`` = wrong confident decisions
+    over all requests; ``caught_errors`` = share of the classifier's wrong predictions that
+    abstention turned into a correct ``base`` or at least kept from a wrong expert."""
+    pred = np.array([labels.index(d.predicted or d.label) for d in decisions])
+    final = np.array([labels.index(d.label) for d in decisions])
+    to_expert = final != labels.index(base_label)
+    wrong_pred = pred != y
+    abstained = np.array([d.abstained for d in decisions], dtype=bool)
+    n = max(1, len(y))
+    return {
+        "coverage": float(to_expert.mean()) if len(y) else 0.0,
+        "expert_risk": float((final[to_expert] != y[to_expert]).mean()) if to_expert.any() else 0.0,
+        "confident_errors": float(((final != y) & ~abstained).sum() / n),
+        "caught_errors": float((wrong_pred & abstained).sum() / max(1, wrong_pred.sum())),
+    }
 
 
 def group_accuracy(correct: np.ndarray, groups: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -35,6 +35,7 @@ from loralab.routing.evaluate import (
     nearest_centroid_predict,
     zero_shot_predict,
 )
+from loralab.routing.exam_check import exam_items
 from loralab.routing.probes import probe_items
 from loralab.tracking import Tracker
 from router import InputPolicy, build_encoder
@@ -79,12 +80,14 @@ def _embed(
     cache: Path | None,
     batch: int,
 ) -> tuple[np.ndarray, np.ndarray, list[Example]]:
-    """Embeddings ``(n, dim)``, label ids ``(n,)`` and the examples in row order (label by label;
-    cached per label, so changing one label's cap re-encodes only that label)."""
+    """Embeddings ``(n, dim)``, label ids ``(n,)`` and the examples in row order (label by label,
+    view by view; cached per label and view, so changing one label's cap or adding a view
+    re-encodes only those texts)."""
     xs, ys, rows = [], [], []
     for k, label in enumerate(labels):
-        chunk = [e for e in examples if e.label == label]
-        if chunk:
+        of_label = [e for e in examples if e.label == label]
+        for view in dict.fromkeys(e.view for e in of_label):
+            chunk = [e for e in of_label if e.view == view]
             xs.append(cached_encode(encoder, [e.text for e in chunk], cache, batch))
             ys.append(np.full(len(chunk), k))
             rows += chunk
@@ -134,6 +137,7 @@ def build_examples(
             views=views,
             min_response_chars=int(d.min_response_chars),
             exclude_groups=heldout,
+            max_generated_per_label=d.get("max_generated_per_label"),
         )
 
     sets = {
@@ -142,9 +146,13 @@ def build_examples(
     }
     if d.probe_set:
         sets["probe"] = [Example(t, label, f"probe/{label}", "probe") for t, label in probe_items()]
+    for half in d.get("exam_check", []) or []:
+        sets[f"exam_{half}"] = [
+            Example(i.text, i.label, f"{i.label}/{i.topic}", "exam") for i in exam_items(half)
+        ]
     return (
         split("train", d.max_train_per_label, list(d.views)),
-        split("val", d.max_val_per_label),
+        split("val", d.max_val_per_label, list(d.get("val_views") or ["instruction"])),
         sets,
     )
 
@@ -268,9 +276,10 @@ def _summary(metrics: dict[str, Any]) -> dict[str, float]:
         out[f"{name}/accuracy"] = rep["accuracy"]
         out[f"{name}/accuracy_before_abstention"] = rep["accuracy_before_abstention"]
         out[f"{name}/abstention_rate"] = rep["abstention_rate"]
+        for k in ("ece", "coverage", "expert_risk", "confident_errors"):
+            out[f"{name}/{k}"] = rep[k]
         for base, acc in metrics["baselines"][name].items():
             out[f"{name}/baseline/{base}"] = acc
-    out["test/ece"] = metrics["sets"]["test"]["ece"]
     for k in ("p50_ms", "p99_ms", "overhead_ratio", "batch_rps"):
         if k in metrics.get("latency", {}):
             out[f"latency/{k}"] = metrics["latency"][k]
