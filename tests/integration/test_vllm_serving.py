@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from loralab.serving.vllm_parity import peft_greedy, vllm_greedy
 from tests.router.tests_router_helpers import QUESTIONS
 
 pytestmark = pytest.mark.vllm
@@ -20,20 +21,6 @@ pytestmark = pytest.mark.vllm
 MAX_NEW_TOKENS = 8
 LOGPROB_TOLERANCE = 1e-3  # nats; fp32 kernels differ in summation order only
 PROMPTS = [QUESTIONS["law"], QUESTIONS["code"], QUESTIONS["medical"]]
-
-
-def _vllm_greedy(url: str, model: str, text: str) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": MAX_NEW_TOKENS,
-        "temperature": 0,
-        "logprobs": True,
-        "return_token_ids": True,
-    }
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 @pytest.fixture(scope="module")
@@ -44,36 +31,6 @@ def peft_model(served_run: dict[str, Any]) -> tuple[Any, Any]:
 
     base, tokenizer = load_base_model({"source": "hf", "name": str(served_run["model"])})
     return load_expert(base, served_run["adapters"], served_run["fingerprint"]).eval(), tokenizer
-
-
-def _peft_greedy(peft_model: tuple[Any, Any], adapter: str | None, text: str) -> dict[str, Any]:
-    import contextlib
-
-    import torch
-
-    model, tokenizer = peft_model
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-    )
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids  # (1, T)
-    if adapter is not None:
-        model.set_adapter(adapter)
-    with torch.no_grad(), model.disable_adapter() if adapter is None else contextlib.nullcontext():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=MAX_NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new = out.sequences[0, ids.shape[1] :].tolist()
-    logprobs = [
-        float(torch.log_softmax(step[0].float(), -1)[tok])
-        for step, tok in zip(out.logits, new, strict=False)
-    ]
-    return {"prompt_ids": ids[0].tolist(), "ids": new, "logprobs": logprobs}
 
 
 def test_models_lists_every_expert_on_its_base(vllm_server: Any, served_run: dict) -> None:
@@ -92,23 +49,20 @@ def test_greedy_tokens_equal_peft(
 ) -> None:
     served = served_run["name"] if model == "base" else model
     for text in PROMPTS:
-        got = _vllm_greedy(vllm_server.url, served, text)
-        want = _peft_greedy(peft_model, None if model == "base" else model, text)
-        choice = got["choices"][0]
-        assert got["model"] == served
-        assert got["prompt_token_ids"] == want["prompt_ids"]
-        assert choice["token_ids"] == want["ids"], f"{model}: {text!r}"
-        vllm_logprobs = [t["logprob"] for t in choice["logprobs"]["content"]]
-        assert len(vllm_logprobs) == len(want["logprobs"])
-        assert vllm_logprobs == pytest.approx(want["logprobs"], abs=LOGPROB_TOLERANCE)
+        got, answer = vllm_greedy(vllm_server.url, served, text, MAX_NEW_TOKENS)
+        want = peft_greedy(*peft_model, None if model == "base" else model, text, MAX_NEW_TOKENS)
+        assert answer["model"] == served
+        assert got.prompt_ids == want.prompt_ids
+        assert got.ids == want.ids, f"{model}: {text!r}"
+        assert len(got.ids) >= 1
+        assert got.logprobs == pytest.approx(want.logprobs, abs=LOGPROB_TOLERANCE)
 
 
 def test_each_expert_changes_the_output(vllm_server: Any, served_run: dict) -> None:
     """Guards the parity test: an adapter vLLM ignored would look like the base model."""
 
     def first_logprob(model: str) -> float:
-        out = _vllm_greedy(vllm_server.url, model, QUESTIONS["law"])
-        return out["choices"][0]["logprobs"]["content"][0]["logprob"]
+        return vllm_greedy(vllm_server.url, model, QUESTIONS["law"], 1)[0].logprobs[0]
 
     base = first_logprob(served_run["name"])
     for domain in ("law", "code", "medical"):
@@ -130,12 +84,10 @@ def test_runtime_load_serves_each_adapter_unchanged(vllm_server: Any, served_run
         cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
         assert cards[name]["parent"] == served_run["name"]
         for text in PROMPTS[:2]:
-            runtime = _vllm_greedy(url, name, text)["choices"][0]
-            startup = _vllm_greedy(url, domain, text)["choices"][0]
-            assert runtime["token_ids"] == startup["token_ids"]
-            assert [t["logprob"] for t in runtime["logprobs"]["content"]] == pytest.approx(
-                [t["logprob"] for t in startup["logprobs"]["content"]], abs=1e-5
-            )
+            runtime, _ = vllm_greedy(url, name, text, MAX_NEW_TOKENS)
+            startup, _ = vllm_greedy(url, domain, text, MAX_NEW_TOKENS)
+            assert runtime.ids == startup.ids
+            assert runtime.logprobs == pytest.approx(startup.logprobs, abs=1e-5)
         r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
         assert r.status_code == 200, r.text
         gone = httpx.post(

