@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -126,10 +125,13 @@ def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
 
 def test_a_server_that_dies_early_reports_its_log(tmp_path: Path) -> None:
     cfg = ServerConfig(_model_dir(tmp_path), "m")
-    # this interpreter has no vllm: the module fails to import, as a broken env would
-    with pytest.raises(VLLMServerError, match="exited with code 1") as err:
-        vllm_cpu.start_server(cfg, Path(sys.executable), tmp_path / "server.log", timeout_s=60)
-    assert "No module named 'vllm'" in str(err.value)
+    broken = tmp_path / "python"  # an environment whose interpreter fails at once
+    broken.write_text('#!/bin/sh\necho "ImportError: libvllm.so: cannot open" >&2\nexit 3\n')
+    broken.chmod(0o755)
+    with pytest.raises(VLLMServerError, match="exited with code 3") as err:
+        vllm_cpu.start_server(cfg, broken, tmp_path / "server.log", timeout_s=60)
+    assert "libvllm.so: cannot open" in str(err.value)  # the log's tail is in the error
+    assert str(tmp_path / "server.log") in str(err.value)
 
 
 def test_config_for_run_checks_the_base_fingerprint(smoke_experts: dict, tmp_path: Path) -> None:
