@@ -3,11 +3,16 @@
 Each input line is ``{"text": ...}``, ``{"prompt": ...}``, ``{"messages": [...]}`` or a JSON
 string. An ``id`` field is echoed back. A line that is not JSON gets an ``invalid_input`` decision;
 output order is input order. ``python -m router info --model DIR`` prints the router's config.
+
+Standard output carries only that JSON, whatever the environment: file descriptor 1 is pointed at
+standard error for the whole run (libraries print on import, e.g. transformers' "Running in WANDB
+offline mode" under ``WANDB_MODE=offline``), and the results go to a saved copy of the original.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,6 +70,37 @@ def route_lines(router: Any, lines: Iterable[str], out: TextIO, batch_size: int 
     return n
 
 
+@contextlib.contextmanager
+def results_stdout() -> Iterator[TextIO]:
+    """A UTF-8 stream on the real standard output, while fd 1 and ``sys.stdout`` go to stderr.
+
+    Anything else that writes to standard output meanwhile (a ``print`` on import, a C library
+    writing to fd 1) lands on stderr, so the stream stays machine-readable.
+    """
+    real = sys.stdout
+    try:
+        fd_backed = real.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        fd_backed = False
+    if not fd_backed:  # sys.stdout was replaced (embedded use): guard Python writes only
+        with contextlib.redirect_stdout(sys.stderr):
+            yield real
+        return
+    real.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(saved, "w", encoding="utf-8", newline="\n", closefd=False)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield out
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            out.flush()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m router", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,22 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--model", required=True)
     args = parser.parse_args(argv)
 
-    # stdout carries the decisions; keep model-loading progress bars off stderr as well.
+    # keep model-loading progress bars and notices off stderr as well.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from router.persistence import EncoderMismatchError, RouterFileError, read_router_config
+    with results_stdout() as out:
+        from router.persistence import EncoderMismatchError, RouterFileError, read_router_config
 
-    try:
-        if args.command == "info":
-            print(json.dumps(read_router_config(args.model), indent=2))
+        try:
+            if args.command == "info":
+                out.write(json.dumps(read_router_config(args.model), indent=2) + "\n")
+                return 0
+            from router.core import Router
+
+            router = Router.load(args.model)
+        except (RouterFileError, EncoderMismatchError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            route_lines(router, sys.stdin, out, args.batch_size)
+        except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
             return 0
-        from router.core import Router
-
-        router = Router.load(args.model)
-    except (RouterFileError, EncoderMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    route_lines(router, sys.stdin, sys.stdout, args.batch_size)
     return 0
 
 

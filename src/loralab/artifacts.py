@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,9 @@ def verify_adapter(
     return manifest
 
 
-def load_expert(base: Any, adapters: dict[str, str | Path], expected_fingerprint: str) -> PeftModel:
+def load_expert(
+    base: Any, adapters: Mapping[str, str | Path], expected_fingerprint: str
+) -> PeftModel:
     """Verify each adapter, then load them all onto ``base`` under their names (first one active)."""
     if not adapters:
         raise ValueError("no adapters given")

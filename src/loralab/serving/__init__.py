@@ -1,0 +1,1 @@
+"""Serving the experts: a real vLLM on the CPU (``vllm_cpu``)."""
