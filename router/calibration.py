@@ -100,7 +100,8 @@ def fit_thresholds(
 
     Only predictions of an expert can abstain (a ``base`` prediction already routes to base), so
     confidence and margin thresholds are fitted over items predicted as an expert: first
-    confidence, then margin over the items that pass it. ``min_ood_score`` is the
+    confidence, then (``max_risk`` only) margin over the items that pass it, so that
+    ``target_coverage`` is the share of expert predictions kept. ``min_ood_score`` is the
     ``ood_quantile`` quantile of the validation OOD scores.
     """
     pred = probs.argmax(axis=1)
@@ -110,6 +111,12 @@ def fit_thresholds(
     conf, margin = top2[:, 1], top2[:, 1] - top2[:, 0]
     t_conf = _selective_threshold(conf[expert], correct[expert], target_coverage, max_risk)
     passed = expert & (conf >= t_conf)
-    t_margin = _selective_threshold(margin[passed], correct[passed], target_coverage, max_risk)
+    # In coverage mode the confidence threshold already keeps target_coverage of the expert
+    # predictions; a margin threshold at the same coverage would keep that share of them again.
+    t_margin = (
+        0.0
+        if target_coverage is not None
+        else _selective_threshold(margin[passed], correct[passed], None, max_risk)
+    )
     t_ood = float(np.quantile(ood_scores, ood_quantile)) if len(ood_scores) else -1.0
     return Thresholds(min_confidence=t_conf, min_margin=t_margin, min_ood_score=t_ood)

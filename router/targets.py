@@ -95,14 +95,21 @@ def openai_request(
     return ServerRequest(CHAT_PATH, body)
 
 
-def _native_params(request: Mapping[str, Any] | None) -> dict[str, Any]:
-    params = {}
+def _native_params(target: str, request: Mapping[str, Any] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
     for src, dst in _SAMPLING.items():
         if request and src in request and request[src] is not None:
             value = request[src]
             params[dst] = (
                 [value] if dst == "stop" and isinstance(value, str) else copy.deepcopy(value)
             )
+    if target == "tgi":
+        # TGI's /generate refuses temperature <= 0 and top_p >= 1 (router/src/validation.rs);
+        # OpenAI's 0 (greedy) and 1 (no nucleus filtering) are what TGI does without the field.
+        if params.get("temperature") == 0:
+            del params["temperature"]
+        if params.get("top_p", 0) >= 1:
+            del params["top_p"]
     return params
 
 
@@ -116,10 +123,11 @@ def native_request(
     """The native ``/generate`` request for an already chat-templated ``prompt``.
 
     Sampling fields of an OpenAI ``request`` (``max_tokens``, ``temperature``, ``top_p``, ``stop``)
-    are carried over under the server's names.
+    are carried over under the server's names (for TGI, ``temperature=0`` and ``top_p=1``, which
+    its ``/generate`` refuses, are left out: they are its defaults).
     """
     adapter = adapters.adapter_for(_label(decision))
-    params = _native_params(request)
+    params = _native_params(target, request)
     if target == "sglang":
         return ServerRequest(
             GENERATE_PATH, {"text": prompt, "sampling_params": params, "lora_path": adapter}

@@ -6,12 +6,13 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import numpy as np
 import pytest
-from tests_router_helpers import QUESTIONS
+from tests_router_helpers import DESCRIPTIONS, LABELS, QUESTIONS, router_with_probs, toy_split
 
-import router as router_pkg
-from router import Reason, Router, Thresholds
+from router import HashingEncoder, Reason, Router, Thresholds
 from router.calibration import softmax
+from router.fitting import FitConfig, fit_router
 
 
 def test_routes_each_domain_confidently(toy_router: Router) -> None:
@@ -107,12 +108,87 @@ def test_router_rejects_labels_without_base(toy_router: Router) -> None:
         replace(toy_router, base_label="general")
 
 
-def test_fitted_thresholds_and_temperature_are_sane(toy_router: Router) -> None:
-    assert 0.05 < toy_router.temperature < 20
-    t = toy_router.thresholds
-    assert 0.0 <= t.min_confidence <= 1.0 and 0.0 <= t.min_margin <= 1.0
-    assert -1.0 <= t.min_ood_score <= 1.0
-    assert toy_router.prior is not None and toy_router.prior_weight > 0
+def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    z = logits / temperature
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def test_fitted_temperature_and_thresholds_follow_their_rules_on_validation(
+    hashing_encoder: HashingEncoder, toy_router: Router
+) -> None:
+    x_val, y_val = toy_split(hashing_encoder, 20, seed=1)  # the fixture's validation split
+    t = toy_router.temperature
+    logits = toy_router.logits(x_val)
+    # the temperature minimises the validation NLL (and is not the uncalibrated 1.0)
+    assert _nll(logits, y_val, t) < min(
+        _nll(logits, y_val, t * 1.05), _nll(logits, y_val, t / 1.05)
+    )
+    assert _nll(logits, y_val, t) < _nll(logits, y_val, 1.0)
+    # min_ood_score is the 0.2 % quantile of 80 validation scores: by linear interpolation it lies
+    # between the lowest and the second lowest, so exactly the lowest is out of distribution
+    decisions = toy_router.decide_embeddings(x_val)
+    ood = [d.ood_score for d in decisions]
+    flagged = [i for i, d in enumerate(decisions) if d.reason is Reason.OUT_OF_DISTRIBUTION]
+    assert flagged == [int(np.argmin(ood))]
+    # max_risk 0.05: of the 59 expert predictions 1 is wrong (1/59 < 0.05), so the rule keeps them
+    # all: no confidence or margin threshold
+    probs = toy_router.scores(x_val).probs
+    pred, base = probs.argmax(axis=1), LABELS.index("base")
+    expert, wrong = pred != base, pred != y_val
+    assert (int(expert.sum()), int((expert & wrong).sum())) == (59, 1)
+    assert (toy_router.thresholds.min_confidence, toy_router.thresholds.min_margin) == (0.0, 0.0)
+
+
+def test_max_risk_zero_keeps_the_experts_more_confident_than_every_expert_error(
+    hashing_encoder: HashingEncoder,
+) -> None:
+    x_train, y_train = toy_split(hashing_encoder, 60, seed=0)
+    x_val, y_val = toy_split(hashing_encoder, 20, seed=1)
+    cfg = FitConfig(c=10.0, prior_weight=0.5, prototypes_per_label=0, max_risk=0.0)
+    router = fit_router(
+        hashing_encoder,
+        LABELS,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        descriptions=DESCRIPTIONS,
+        config=cfg,
+    )
+    probs = router.scores(x_val).probs
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    expert = pred != LABELS.index("base")
+    worst_error = conf[expert & (pred != y_val)].max()
+    # by hand: the lowest expert confidence above the most confident expert error
+    expected = conf[expert & (conf > worst_error)].min()
+    assert router.thresholds.min_confidence == pytest.approx(expected)
+    decisions = router.decide_embeddings(x_val)
+    sent = [(d.label, int(y)) for d, y in zip(decisions, y_val, strict=True) if d.label != "base"]
+    assert sent and all(LABELS.index(label) == y for label, y in sent)  # no expert error left
+    assert len(sent) == int((expert & (conf > worst_error)).sum())
+
+
+def test_margin_is_the_gap_between_the_two_top_probabilities() -> None:
+    probs = np.array(
+        [
+            [0.50, 0.30, 0.15, 0.05],  # margin 0.20
+            [0.25, 0.25, 0.25, 0.25],  # a four-way tie: margin 0, the first label wins
+            [0.10, 0.62, 0.26, 0.02],  # margin 0.36
+            [0.35, 0.05, 0.05, 0.55],  # base: margin 0.20, never a low-margin abstention
+        ]
+    )
+    router = replace(router_with_probs(probs), thresholds=Thresholds(min_margin=0.25))
+    decisions = router.decide_embeddings(np.eye(4, dtype=np.float32))
+    assert [d.margin for d in decisions] == pytest.approx([0.20, 0.0, 0.36, 0.20])
+    assert [d.predicted for d in decisions] == ["law", "law", "code", "base"]
+    assert [(d.label, d.reason) for d in decisions] == [
+        ("base", Reason.LOW_MARGIN),
+        ("base", Reason.LOW_MARGIN),
+        ("code", Reason.CONFIDENT),
+        ("base", Reason.CONFIDENT),
+    ]
 
 
 def test_import_router_is_light() -> None:
@@ -127,4 +203,3 @@ def test_import_router_is_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
-    assert router_pkg.Router is Router

@@ -177,7 +177,11 @@ def test_any_request_gets_a_well_formed_decision(
     if d.probs:
         assert set(d.probs) == set(router.labels)
         assert abs(sum(d.probs.values()) - 1.0) < 1e-4
-        assert 0.0 <= d.margin <= 1.0
+        top, second = sorted(d.probs.values())[-2:][::-1]
+        assert d.margin == pytest.approx(top - second, abs=1e-6)
+        assert d.predicted is not None and d.probs[d.predicted] == top
+        if d.reason is Reason.CONFIDENT:
+            assert d.label == d.predicted
     d.to_json()  # always serialisable
 
 

@@ -4,9 +4,14 @@ MiniLM on a few real records."""
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from omegaconf import DictConfig
 from tests_router_helpers import VOCAB
 
 from loralab.routing.datasets import (
@@ -17,7 +22,7 @@ from loralab.routing.datasets import (
     source_group,
     split_examples,
 )
-from router import Reason, Router
+from router import EncoderSpec, HashingEncoder, Reason, Router
 from tests.conftest import compose
 
 FILES = {
@@ -61,6 +66,55 @@ def _write_data(root: Path, n: int = 80) -> None:
     (root / "eval" / "humaneval.jsonl").write_text(json.dumps(humaneval) + "\n")
 
 
+class CountingEncoder(HashingEncoder):
+    """The hashing encoder, recording every text it is asked to encode."""
+
+    def __init__(self, spec: EncoderSpec | None = None) -> None:
+        super().__init__(spec)
+        self.texts: list[str] = []
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        self.texts += list(texts)
+        return super().encode(texts, batch_size)
+
+
+def _config(tmp_path: Path, *overrides: str) -> DictConfig:
+    return compose(
+        "train_router",
+        [
+            f"data.root={tmp_path / 'data'}",
+            "data.val_fraction=0.2",
+            "data.test_fraction=0.2",
+            "router.encoder.kind=hashing",
+            "router.encoder.name=hashing",
+            "router.encoder.quantize=null",
+            "router.data.max_train_per_label=40",
+            "router.head.c=10",
+            "router.ood_prototypes_per_label=4",
+            "router.latency_requests=10",
+            "router.data.heldout_groups=[legalbench/hearsay]",
+            *overrides,
+        ],
+        tmp_path / "run",
+    )
+
+
+def _train(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], list[str]]:
+    """``train_router(cfg)`` and every text its encoder encoded."""
+    from loralab.routing import train as train_module
+
+    built: list[CountingEncoder] = []
+
+    def build(spec: dict[str, Any]) -> CountingEncoder:
+        built.append(CountingEncoder(EncoderSpec.from_dict(spec)))
+        return built[-1]
+
+    monkeypatch.setattr(train_module, "build_encoder", build)
+    result = train_module.train_router(cfg)
+    assert len(built) == 1
+    return result, built[0].texts
+
+
 def test_views_and_groups() -> None:
     from loralab.data.records import Record
 
@@ -101,39 +155,21 @@ def test_heldout_groups_never_reach_any_split_and_form_the_check_set(tmp_path: P
     assert len([e for e in check if e.group == "legalbench/hearsay"]) == 8
 
 
-def test_train_router_with_the_hashing_encoder(tmp_path: Path) -> None:
+# With OOD prototypes the exam-style sets (outside the toy vocabulary) go to base as out of
+# distribution; without them the classifier sends many to a wrong expert.
+@pytest.mark.parametrize("prototypes", [4, 0])
+def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) -> None:
     from loralab.routing import train_router
+    from loralab.routing.train import build_examples
 
     _write_data(tmp_path / "data")
-    cfg = compose(
-        "train_router",
-        [
-            f"data.root={tmp_path / 'data'}",
-            "data.val_fraction=0.2",
-            "data.test_fraction=0.2",
-            "router.encoder.kind=hashing",
-            "router.encoder.name=hashing",
-            "router.encoder.quantize=null",
-            "router.data.max_train_per_label=40",
-            "router.head.c=10",
-            "router.ood_prototypes_per_label=4",
-            "router.latency_requests=10",
-            "router.data.heldout_groups=[legalbench/hearsay]",
-        ],
-        tmp_path / "run",
-    )
+    cfg = _config(tmp_path, f"router.ood_prototypes_per_label={prototypes}")
     result = train_router(cfg)
     run = tmp_path / "run"
     metrics = json.loads((run / "router_metrics.json").read_text())
     assert result["model_version"] == metrics["model_version"]
     assert metrics["sets"]["test"]["accuracy"] >= 0.9
     assert set(metrics["sets"]) == {"test", "out_of_style", "probe", "exam_dev", "exam_sealed"}
-    exam = metrics["sets"]["exam_dev"]
-    assert (
-        exam["n"] == 118 and sum(exam["per_label"][k]["support"] for k in exam["per_label"]) == 118
-    )
-    for k in ("ece", "coverage", "expert_risk", "confident_errors", "caught_errors"):
-        assert 0.0 <= exam[k] <= 1.0
     # generated views were made from the toy records and trained on
     assert metrics["router"]["n_train"] > 4 * 40 * 2
     assert set(metrics["baselines"]["test"]) == {
@@ -149,12 +185,134 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path) -> None:
         .read_text()
         .startswith("true \\ predicted,law")
     )
-    assert (run / "summary.json").is_file() and (run / "metrics.jsonl").is_file()
+    assert (
+        json.loads((run / "summary.json").read_text())["model_version"] == result["model_version"]
+    )
     router = Router.load(run / "router")
     d = router.route("patient symptoms fever diagnosis treatment dose")
     assert (d.label, d.reason) == ("medical", Reason.CONFIDENT), d
-    # a second run reuses the cached embeddings
-    assert list((run / "cache" / "router_embeddings").glob("*.npy"))
+
+    # Every evaluated set's selective metrics, counted by hand from the saved router's decisions
+    sets = build_examples(cfg, tmp_path / "data")[2]
+    assert set(sets) == set(metrics["sets"]) and len(sets["exam_dev"]) == 118
+    exam_support = metrics["sets"]["exam_dev"]["per_label"].values()
+    assert metrics["sets"]["exam_dev"]["n"] == sum(v["support"] for v in exam_support) == 118
+    by_hand = {
+        name: _selective_by_hand(router, [e.text for e in ex], [e.label for e in ex])
+        for name, ex in sets.items()
+    }
+    for name, expected in by_hand.items():
+        got = metrics["sets"][name]
+        assert {k: got[k] for k in expected} == pytest.approx(expected), name
+    exam = by_hand["exam_dev"]
+    if prototypes:  # what abstention buys: every classifier error on the exam kept from an expert
+        assert (exam["coverage"], exam["caught_errors"]) == (0.0, 1.0)
+    else:
+        assert exam["coverage"] > 0.5 and exam["expert_risk"] > 0.5 and exam["caught_errors"] == 0
+    assert by_hand["test"]["accuracy"] >= 0.9 and 0 < by_hand["test"]["coverage"] < 1
+
+
+def _selective_by_hand(router: Router, texts: list[str], labels: list[str]) -> dict[str, float]:
+    """Accuracy, coverage, risk and calibration of ``router`` on ``texts``, counted by hand."""
+    decisions = router.decide_embeddings(router.encoder.encode(texts))
+    y = np.array([router.labels.index(label) for label in labels])
+    final = np.array([router.labels.index(d.label) for d in decisions])
+    predicted = np.array([router.labels.index(d.predicted) for d in decisions])
+    abstained = np.array([d.reason is not Reason.CONFIDENT for d in decisions])
+    to_expert = final != router.labels.index("base")
+    wrong = predicted != y
+    conf = np.array([max(d.probs.values()) for d in decisions])
+    bins = np.minimum((conf * 15).astype(int), 14)  # 15 equal-width confidence bins
+    ece = sum(
+        abs(np.mean(~wrong[bins == b]) - conf[bins == b].mean()) * np.mean(bins == b)
+        for b in set(bins.tolist())
+    )
+    return {
+        "accuracy": float(np.mean(final == y)),
+        "accuracy_before_abstention": float(np.mean(~wrong)),
+        "coverage": float(np.mean(to_expert)),
+        "expert_risk": float(np.mean(final[to_expert] != y[to_expert])) if to_expert.any() else 0.0,
+        "confident_errors": float(np.sum((final != y) & ~abstained) / len(y)),
+        "caught_errors": float(np.sum(wrong & abstained) / max(1, wrong.sum())),
+        "ece": float(ece),
+    }
+
+
+def test_cached_encode_reuses_a_chunk_and_reencodes_only_a_changed_one(tmp_path: Path) -> None:
+    from loralab.routing.train import cached_encode
+
+    law, code = ["court statute", "tenant lease"], ["python loop", "sort array"]
+    enc = CountingEncoder()
+    x_law, x_code = cached_encode(enc, law, tmp_path, 8), cached_encode(enc, code, tmp_path, 8)
+    assert enc.texts == law + code
+    enc.texts.clear()
+    again = cached_encode(enc, law, tmp_path, 8), cached_encode(enc, code, tmp_path, 8)
+    assert enc.texts == []  # nothing encoded: both chunks come from the cache ...
+    assert np.array_equal(again[0], x_law) and np.array_equal(again[1], x_code)  # ... unchanged
+    assert np.array_equal(x_law, HashingEncoder().encode(law))
+    changed = ["court statute", "tenant leases"]
+    x = cached_encode(enc, changed, tmp_path, 8)
+    assert enc.texts == changed  # its own chunk (one file per chunk), not the code chunk
+    assert np.array_equal(x, HashingEncoder().encode(changed))
+    # another encoder (same dim, other settings) never reads this encoder's embeddings
+    other = CountingEncoder(EncoderSpec(kind="hashing", name="hashing", max_seq_length=1))
+    assert np.array_equal(cached_encode(other, law, tmp_path, 8), other.encode(law))
+    assert other.texts == law + law  # encoded by cached_encode, then by the check above
+    # a damaged cache file is encoded again, never trusted
+    for f in tmp_path.glob("*.npy"):
+        f.write_bytes(b"not a numpy file")
+    enc.texts.clear()
+    assert np.array_equal(cached_encode(enc, law, tmp_path, 8), x_law) and enc.texts == law
+
+
+def _chunks(cfg: DictConfig, root: Path) -> dict[tuple[str, str, str], list[str]]:
+    """The texts of each set, label and view: the documented unit of the embedding cache."""
+    from loralab.routing.train import build_examples
+
+    train, val, sets = build_examples(cfg, root)
+    out: dict[tuple[str, str, str], list[str]] = {}
+    for name, examples in {"train": train, "val": val, **sets}.items():
+        for e in examples:
+            out.setdefault((name, e.label, e.view), []).append(e.text)
+    return out
+
+
+def test_a_second_run_encodes_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_data(tmp_path / "data")
+    cfg = _config(tmp_path)
+    cache = tmp_path / "run" / "cache" / "router_embeddings"
+    first, texts_1 = _train(cfg, monkeypatch)
+    files = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")}
+    second, texts_2 = _train(cfg, monkeypatch)
+    chunks = _chunks(cfg, tmp_path / "data")
+    cached = Counter(t for texts in chunks.values() for t in texts)
+    # the second run encodes only what is never cached (label descriptions, latency requests) ...
+    assert Counter(texts_1) - Counter(texts_2) == cached
+    assert not Counter(texts_2) - Counter(texts_1)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npy")} == files
+    # ... and the same embeddings give the same router and the same numbers
+    assert second["model_version"] == first["model_version"]
+    assert second["metrics"]["sets"] == first["metrics"]["sets"]
+
+    # Change the first paragraph of one medical training question: of its views (instruction,
+    # last paragraph, multiple choice) only the instruction changes, so only that chunk of
+    # texts is encoded again, not the label's other views, sets or labels
+    path = tmp_path / "data" / "medical.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    train_texts = set(chunks[("train", "medical", "instruction")])
+    k = next(i for i, r in enumerate(rows) if r["instruction"] in train_texts)
+    rows[k]["instruction"] = "Reworded. " + rows[k]["instruction"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, texts_3 = _train(cfg, monkeypatch)
+    after = _chunks(cfg, tmp_path / "data")
+    changed = {key: texts for key, texts in after.items() if chunks.get(key) != texts}
+    assert list(changed) == [("train", "medical", "instruction")]
+    assert rows[k]["instruction"] in changed[("train", "medical", "instruction")]
+    assert Counter(texts_3) - Counter(texts_2) == Counter(t for v in changed.values() for t in v)
+    assert not Counter(texts_2) - Counter(texts_3)
+    assert sum(map(len, changed.values())) < sum(map(len, after.values())) / 4
 
 
 @pytest.mark.slow

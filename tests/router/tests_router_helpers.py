@@ -9,7 +9,8 @@ import random
 
 import numpy as np
 
-from router import HashingEncoder
+from router import HashingEncoder, Router
+from router.classifier import LinearHead
 
 LABELS = ("law", "code", "medical", "base")
 VOCAB = {
@@ -100,3 +101,14 @@ def toy_split(
         texts += toy_texts(label, n_per_label, seed)
         y += [k] * n_per_label
     return encoder.encode(texts), np.asarray(y)
+
+
+def router_with_probs(probs: np.ndarray, labels: tuple[str, ...] = LABELS) -> Router:
+    """A router whose calibrated probabilities for the basis embedding ``e_i`` are ``probs[i]``.
+
+    ``probs`` ``(n, n_labels)``: rows sum to 1 with no zero entry. Route ``np.eye(n)`` through
+    ``decide_embeddings`` to get the decisions of a hand-written validation set.
+    """
+    weight = np.log(probs).T  # (n_labels, n): logits of e_i = log probs[i]
+    head = LinearHead(weight, np.zeros(len(labels)))
+    return Router(encoder=HashingEncoder(), labels=labels, head=head)
