@@ -37,15 +37,25 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The gate may be kept in float32 over a bfloat16 model; run it in its own dtype.
-        x = x.to(self.proj.weight.dtype)
+        if x.dtype != self.proj.weight.dtype:
+            x = x.to(self.proj.weight.dtype)
+        return self.logits(F.linear(x, self.proj.weight), x)
+
+    def logits(self, projected: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits [T, S] from projected = x · proj.weightᵀ [T, P] (computed by the caller, e.g.
+        fused with the experts' A matmul) and the input x [T, in] the projection was made from."""
         if self.normalize_input:
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)
-            hidden = torch.addcdiv(
-                self.proj.bias, F.linear(x, self.proj.weight), norm, value=self.in_features**0.5
-            )
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)  # [T, 1]
+            hidden = torch.addcdiv(self.proj.bias, projected, norm, value=self.in_features**0.5)
         else:
-            hidden = self.proj(x)
+            hidden = projected + self.proj.bias
         return hidden if self.head is None else self.head(hidden)
+
+    def slot_parameter_names(self) -> tuple[str, str]:
+        """The state-dict names of the weight [S, ·] and bias [S] whose rows are the slots."""
+        return (
+            ("proj.weight", "proj.bias") if self.head is None else ("head.1.weight", "head.1.bias")
+        )
 
 
 @dataclass
@@ -64,13 +74,24 @@ class Routing:
     top_weight: torch.Tensor | None
 
 
-def route(logits: torch.Tensor, config: GateConfig, training: bool) -> Routing:
-    """Turn gate logits [T, S] into routing weights (float32)."""
-    noisy = logits.float()
+def route(
+    logits: torch.Tensor,
+    config: GateConfig,
+    training: bool,
+    bias: torch.Tensor | None = None,
+) -> Routing:
+    """Turn gate logits [..., S] into routing weights (float32).
+
+    bias (broadcastable to logits, e.g. [B, 1, S] over [B, T, S]) is added after the temperature:
+    a per-row prior in log space, probs ∝ exp(bias) · softmax(logits / T).
+    """
+    noisy = logits if logits.dtype == torch.float32 else logits.float()
     if training and config.noise_std > 0:
         noisy = noisy + torch.randn_like(noisy) * config.noise_std
     if config.temperature != 1.0:
         noisy = noisy / config.temperature
+    if bias is not None:
+        noisy = noisy + bias
     probs = torch.softmax(noisy, dim=-1)
     if config.top_k is None:
         return Routing(logits, probs, probs, None, None)
@@ -79,10 +100,3 @@ def route(logits: torch.Tensor, config: GateConfig, training: bool) -> Routing:
     top_weight = top_weight / top_weight.sum(-1, keepdim=True)
     weights = torch.zeros_like(probs).scatter(-1, top_index, top_weight)
     return Routing(logits, probs, weights, top_index, top_weight)
-
-
-def fixed_routing(weights: torch.Tensor, num_tokens: int, logits_dtype: torch.dtype) -> Routing:
-    """Routing that applies the same slot weights [S] to every token (for ablations and tests)."""
-    expanded = weights.float().expand(num_tokens, -1)
-    logits = torch.zeros(expanded.shape, dtype=logits_dtype, device=weights.device)
-    return Routing(logits, expanded, expanded, None, None)
