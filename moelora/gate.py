@@ -25,6 +25,7 @@ class Gate(nn.Module):
         self.in_features = in_features
         self.num_slots = num_slots
         self.normalize_input = config.normalize_input
+        self.scale = in_features**0.5  # W (x / rms(x)) = (W x) * sqrt(in) / ||x||
         mlp = config.kind == "mlp"
         self.proj = nn.Linear(in_features, config.hidden_size if mlp else num_slots)
         self.head = (
@@ -36,19 +37,16 @@ class Gate(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.proj
+        weight = proj.weight
         # The gate may be kept in float32 over a bfloat16 model; run it in its own dtype.
-        if x.dtype != self.proj.weight.dtype:
-            x = x.to(self.proj.weight.dtype)
-        return self.logits(F.linear(x, self.proj.weight), x)
-
-    def logits(self, projected: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Logits [T, S] from projected = x · proj.weightᵀ [T, P] (computed by the caller, e.g.
-        fused with the experts' A matmul) and the input x [T, in] the projection was made from."""
+        if x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
         if self.normalize_input:
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)  # [T, 1]
-            hidden = torch.addcdiv(self.proj.bias, projected, norm, value=self.in_features**0.5)
+            hidden = torch.addcdiv(proj.bias, F.linear(x, weight), norm, value=self.scale)
         else:
-            hidden = projected + self.proj.bias
+            hidden = F.linear(x, weight, proj.bias)
         return hidden if self.head is None else self.head(hidden)
 
     def slot_parameter_names(self) -> tuple[str, str]:

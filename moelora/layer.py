@@ -27,11 +27,11 @@ from moelora.routing import RowTensors, current_scope
 class MoELoraLinear(nn.Module):
     """Replacement for a targeted nn.Linear (kept as ``base_layer``, like PEFT's LoRA layer).
 
-    lora_A [E, r_max, in] and lora_B [out, E, r_max] (holding s_e * B_e) are frozen parameters. B
-    is laid out so that its [out, E * r_max] view is free, which makes the dense path two matmuls,
-    like a single LoRA of rank E * r_max with per-token weights on its rank groups. The first
-    ``num_gate_experts`` experts are the ones the gate mixes; experts added later (hot-loaded
-    adapters) come after them and get weight 0 from the gate.
+    lora_A [E, r_max, in] and lora_B [E, r_max, out] (holding (s_e * B_e)ᵀ) are frozen parameters;
+    their [E * r_max, in] / [E * r_max, out] views are free and contiguous, which makes the dense
+    path two matmuls, like a single LoRA of rank E * r_max with per-token weights on its rank
+    groups. The first ``num_gate_experts`` experts are the ones the gate mixes; experts added
+    later (hot-loaded adapters) come after them and get weight 0 from the gate.
     """
 
     def __init__(
@@ -57,22 +57,16 @@ class MoELoraLinear(nn.Module):
         self.compute_path: ComputePath = compute_path
         # Identifies the owning MoELoraModel's calls (see routing.current_scope); set by it.
         self.owner: object | None = None
-        self._fused: torch.Tensor | None = None
-        self._fused_gate_version: tuple[int, int] = (-1, -1)
         self.set_experts(lora_A, lora_B, ranks)
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.lora_A.shape[0])
 
     def set_experts(
         self, lora_A: torch.Tensor, lora_B: torch.Tensor, ranks: tuple[int, ...]
     ) -> None:
-        """Replace the stacked experts (lora_A [E, r, in], lora_B [out, E, r], B pre-scaled)."""
+        """Replace the stacked experts (lora_A [E, r, in], lora_B [E, r, out] = scaled Bᵀ)."""
         num_experts, r_max, in_features = lora_A.shape
-        if lora_B.shape != (self.out_features, num_experts, r_max):
+        if lora_B.shape != (num_experts, r_max, self.out_features):
             raise ValueError(
-                f"lora_B must be [out={self.out_features}, E={num_experts}, r={r_max}], "
+                f"lora_B must be [E={num_experts}, r={r_max}, out={self.out_features}], "
                 f"got {tuple(lora_B.shape)}"
             )
         if in_features != self.in_features:
@@ -84,12 +78,13 @@ class MoELoraLinear(nn.Module):
         self.lora_A = nn.Parameter(lora_A.contiguous(), requires_grad=False)
         self.lora_B = nn.Parameter(lora_B.contiguous(), requires_grad=False)
         self.ranks = ranks
-        self._fused = None
+        self.num_experts = num_experts
+        self.r_max = r_max
 
     def expert_weights(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ``index``'s own A [r, in] and scaled B [out, r] (views, without padding)."""
         rank = self.ranks[index]
-        return self.lora_A[index, :rank], self.lora_B[:, index, :rank]
+        return self.lora_A[index, :rank], self.lora_B[index, :rank].t()
 
     # -- forward ----------------------------------------------------------------------------------
 
@@ -98,6 +93,7 @@ class MoELoraLinear(nn.Module):
         scope = current_scope(self.owner)
         flat = x.reshape(-1, self.in_features)  # [N, in], N = B * T
         rows: RowTensors | None = None
+        lead = (flat.shape[0], 1)  # (N, 1): every token gated; (B, T) with a row routing
         if scope is not None and scope.routing is not None:
             batch = scope.routing.batch_size
             if x.ndim < 2 or x.shape[0] != batch:
@@ -106,14 +102,10 @@ class MoELoraLinear(nn.Module):
                     "rows of row_routing"
                 )
             rows = scope.rows(x.device, self.lora_A.dtype)
-            lead = (batch, flat.shape[0] // batch)  # (B, T): weights per row and token
-        else:
-            lead = (flat.shape[0], 1)  # (N, 1): every token is gated
-        low_rank, gate_projected = self._project(flat, scope is None or scope.any_gated)
-        routing = None  # low_rank [N, E*r]; gate_projected [N, P] or None (no gated row)
-        if gate_projected is not None:
-            gate_x = flat if flat.dtype == gate_projected.dtype else flat.to(gate_projected.dtype)
-            logits = self.gate.logits(gate_projected, gate_x)  # [N, S]
+            lead = (batch, flat.shape[0] // batch)
+        routing = None  # None: no row uses the gate in this call, so it is not run
+        if scope is None or scope.any_gated:
+            logits = self.gate(flat)  # [N, S], float32
             bias = None if rows is None else rows.bias  # [B, 1, S]
             if bias is not None:
                 logits = logits.view(*lead, -1)  # [B, T, S]
@@ -123,75 +115,41 @@ class MoELoraLinear(nn.Module):
         if self.compute_path == "topk" and self.gate_config.top_k is not None:
             delta = self._topk_delta(flat, routing, rows, lead)  # [N, out]
             return result + delta.view(result.shape).to(result.dtype)
-        weights = self._token_weights(routing, rows, lead)  # [B|N, T|1, E]
-        scaled = low_rank.view(*lead, *self.lora_A.shape[:2]) * weights.unsqueeze(-1)
-        return self.add_dense_delta(result, scaled.view(flat.shape[0], -1))  # scaled [B,T,E,r]
+        lora_A = self.lora_A
+        if flat.dtype != lora_A.dtype:  # autocast over float32 weights
+            flat = flat.to(lora_A.dtype)
+        low_rank = F.linear(flat, lora_A.view(-1, self.in_features))  # [N, E*r]
+        if rows is None:  # the gate on every token
+            assert routing is not None
+            weights = self._gate_weights(routing).unsqueeze(-1)  # [N, E, 1]
+            scaled = low_rank.view(-1, self.num_experts, self.r_max) * weights  # [N, E, r]
+        else:
+            weights = self._token_weights(routing, rows, lead).unsqueeze(-1)  # [B, T|1, E, 1]
+            scaled = low_rank.view(*lead, self.num_experts, self.r_max) * weights  # [B,T,E,r]
+        return self.add_dense_delta(result, scaled.view(flat.shape[0], -1))  # [N, E*r]
 
-    def _project(self, x: torch.Tensor, use_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [N, in] -> (A x [N, E*r], the gate's first projection [N, P] or None).
-
-        Without autograd on the gate and when the gate shares the experts' dtype (fp32), both
-        come out of ONE matmul with the fused weight [E*r + P, in] (see _fused_weight).
-        """
-        lora_A = self.lora_A.view(-1, self.in_features)  # [E*r, in]
-        if x.dtype != lora_A.dtype:  # autocast over float32 weights
-            x = x.to(lora_A.dtype)
-        if not use_gate:
-            return F.linear(x, lora_A), None
-        gate_weight = self.gate.proj.weight  # [P, in]
-        fusable = gate_weight.dtype == lora_A.dtype and gate_weight.device == lora_A.device
-        no_grad = not (torch.is_grad_enabled() and gate_weight.requires_grad)
-        if fusable and no_grad and not torch.compiler.is_compiling():
-            projected = F.linear(x, self._fused_weight())  # [N, E*r + P]
-            return projected[:, : lora_A.shape[0]], projected[:, lora_A.shape[0] :]
-        gate_x = x if x.dtype == gate_weight.dtype else x.to(gate_weight.dtype)
-        return F.linear(x, lora_A), F.linear(gate_x, gate_weight)
-
-    def _fused_weight(self) -> torch.Tensor:
-        """[E*r + P, in]: lora_A's rows, then the gate's first projection (same dtype and device).
-
-        lora_A is re-pointed into the top of this buffer, so A is stored once; the gate rows are
-        refreshed whenever the gate's weight changes (its version counter moves: an optimizer
-        step, load_state_dict), and the buffer is rebuilt if lora_A was replaced or moved.
-        """
-        gate_weight = self.gate.proj.weight
-        rows = self.lora_A.shape[0] * self.lora_A.shape[1]
-        fused = self._fused
-        if fused is None or fused.data_ptr() != self.lora_A.data_ptr():
-            # A normal tensor even when first called under inference_mode (it outlives the call).
-            with torch.inference_mode(False), torch.no_grad():
-                fused = torch.empty(
-                    (rows + gate_weight.shape[0], self.in_features),
-                    dtype=self.lora_A.dtype,
-                    device=self.lora_A.device,
-                )
-                fused[:rows] = self.lora_A.view(rows, -1)
-                self.lora_A.data = fused[:rows].view(self.lora_A.shape)
-            self._fused, self._fused_gate_version = fused, (-1, -1)
-        version = (gate_weight._version, gate_weight.data_ptr())
-        if version != self._fused_gate_version:
-            with torch.no_grad():
-                fused[rows:] = gate_weight
-            self._fused_gate_version = version
-        return fused
+    def _gate_weights(self, routing: Routing) -> torch.Tensor:
+        """The gate's weights over the resident experts, in their dtype: [..., E]."""
+        weights, dtype = routing.weights, self.lora_A.dtype  # [..., S]
+        if weights.shape[-1] != self.num_gate_experts:  # drop the "no expert" slot
+            weights = weights[..., : self.num_gate_experts]
+        if weights.dtype != dtype:
+            weights = weights.to(dtype)
+        if self.num_experts > self.num_gate_experts:  # added experts: weight 0 from the gate
+            weights = F.pad(weights, (0, self.num_experts - self.num_gate_experts))
+        return weights
 
     def _token_weights(
-        self, routing: Routing | None, rows: RowTensors | None, lead: tuple[int, int]
+        self, routing: Routing | None, rows: RowTensors, lead: tuple[int, int]
     ) -> torch.Tensor:
-        """Expert weights in the experts' dtype, [B, T, E] ([N, 1, E] without row routing,
-        [B, 1, E] when no row is gated): gated rows from the gate, the others fixed."""
+        """Expert weights with a row routing: [B, T, E] (gated rows from the gate, the others
+        their fixed weights), or [B, 1, E] when no row is gated."""
         if routing is None:
-            assert rows is not None
-            return rows.fixed.squeeze(-1)  # [B, 1, E]
-        gate = routing.weights[..., : self.num_gate_experts]  # [N or B,T, Eg]
-        if gate.dtype != self.lora_A.dtype:
-            gate = gate.to(self.lora_A.dtype)
-        if self.num_experts > self.num_gate_experts:  # added experts: weight 0 from the gate
-            gate = F.pad(gate, (0, self.num_experts - self.num_gate_experts))
-        gate = gate.view(*lead, self.num_experts)
-        if rows is None or rows.gated is None:  # every row is gated
-            return gate
-        return torch.where(rows.gated, gate, rows.fixed.squeeze(-1))  # [B, T, E]
+            return rows.fixed  # [B, 1, E]
+        weights = self._gate_weights(routing).view(*lead, self.num_experts)  # [B, T, E]
+        if rows.gated is None:  # every row is gated
+            return weights
+        return torch.where(rows.gated, weights, rows.fixed)  # [B, T, E]
 
     def _topk_delta(
         self,
@@ -211,18 +169,19 @@ class MoELoraLinear(nn.Module):
                 real = expert < self.num_gate_experts  # the "no expert" slot is not an expert
                 token, expert, weight = token[real], expert[real], weight[real]
             return self._grouped_delta(x, token, expert, weight)
+        assert rows is not None
         weights = self._token_weights(routing, rows, lead).expand(*lead, -1)  # [B, T, E]
         weights = weights.reshape(x.shape[0], self.num_experts)  # [N, E]
         token, expert = weights.nonzero(as_tuple=True)  # fixed rows: their nonzero experts
         return self._grouped_delta(x, token, expert, weights[token, expert])
 
     def add_dense_delta(self, result: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
-        """result [*, out] += scaled [N, E*r] @ B_catᵀ, in place (the base linear's backward does
-        not need its output)."""
-        lora_B = self.lora_B.view(self.out_features, -1)  # [out, E*r]
+        """result [*, out] += scaled [N, E*r] @ B_cat [E*r, out], in place (the base linear's
+        backward does not need its output)."""
+        lora_B = self.lora_B.view(-1, self.out_features)  # [E*r, out], contiguous
         if scaled.dtype != result.dtype:  # autocast over float32 weights
             scaled, lora_B = scaled.to(result.dtype), lora_B.to(result.dtype)
-        result.view(-1, self.out_features).addmm_(scaled, lora_B.t())
+        result.view(-1, self.out_features).addmm_(scaled, lora_B)
         return result
 
     def _grouped_delta(
@@ -243,8 +202,9 @@ class MoELoraLinear(nn.Module):
             if count and self.ranks[index]:
                 pairs = order[start : start + count]
                 tokens = token[pairs]
-                lora_A, lora_B = self.expert_weights(index)
-                y = F.linear(F.linear(x.index_select(0, tokens), lora_A), lora_B)  # [n, out]
+                rank = self.ranks[index]
+                low_rank = F.linear(x.index_select(0, tokens), self.lora_A[index, :rank])
+                y = low_rank @ self.lora_B[index, :rank]  # [n, out]
                 out = out.index_add(0, tokens, y * weight[pairs, None])
             start += count
         return out
@@ -258,7 +218,7 @@ class MoELoraLinear(nn.Module):
         num_tokens = lead[0] * lead[1]
         fixed = None
         if rows is not None:
-            fixed = rows.fixed.squeeze(-1).float().expand(*lead, -1).reshape(num_tokens, -1)
+            fixed = rows.fixed.float().expand(*lead, -1).reshape(num_tokens, -1)
             fixed = F.pad(fixed, (0, int(self.gate_config.null_expert)))  # [N, slots]
             if routing is None:
                 return GateTrace(torch.zeros_like(fixed), fixed, fixed, fixed > 0)

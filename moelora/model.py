@@ -150,10 +150,9 @@ class MoELoraModel(nn.Module):
         if routing is None and self._fixed is not None:
             if batch is None:
                 raise ValueError("fixed_gate() needs input_ids or inputs_embeds for the batch size")
-            fixed = self._fixed[: self.num_experts].to(self._device())
-            routing = RowRouting(
-                fixed.expand(batch, -1), torch.zeros(batch, dtype=torch.bool, device=fixed.device)
-            )
+            fixed = self._fixed[: self.num_experts].to(self._device())  # checked by fixed_gate()
+            no_row = torch.zeros(batch, dtype=torch.bool, device=fixed.device)
+            routing = RowRouting._derived(fixed.expand(batch, -1), no_row, None, (False, False))
         if routing is None and self._recorder is None:
             self._check_live()
             return None
@@ -402,6 +401,7 @@ class MoELoraModel(nn.Module):
             raise ValueError(
                 f"need {self.num_slots} slot weights {self.slot_names}, got {fixed.numel()}"
             )
+        RowRouting(fixed[None, : self.num_experts], torch.zeros(1, dtype=torch.bool))  # checks
         previous = self._fixed
         self._fixed = fixed
         try:

@@ -60,6 +60,8 @@ class RowRouting:
     weights: torch.Tensor
     gated: torch.Tensor
     gate_bias: torch.Tensor | None = None
+    # (any row gated, every row gated), computed once at validation (no device sync per call).
+    _gated_flags: tuple[bool, bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         weights, gated, bias = self.weights, self.gated, self.gate_bias
@@ -71,20 +73,48 @@ class RowRouting:
             raise ValueError(f"gated must be a bool tensor, got {gated.dtype}")
         if bias is not None and (bias.ndim != 2 or bias.shape[0] != weights.shape[0]):
             raise ValueError(f"gate_bias must be [B={weights.shape[0]}, S], got {_describe(bias)}")
-        object.__setattr__(self, "weights", weights.float())
-        bad = ~torch.isfinite(self.weights) | (self.weights < 0)
+        weights = weights.float()
+        bad = ~torch.isfinite(weights) | (weights < 0)
         if bool(bad.any()):
             row, column = (int(i) for i in bad.nonzero()[0])
             raise ValueError(
-                f"row {row}: weight {float(self.weights[row, column])} for expert {column}; "
+                f"row {row}: weight {float(weights[row, column])} for expert {column}; "
                 "weights must be finite and >= 0"
             )
         if bias is not None:
-            object.__setattr__(self, "gate_bias", bias.float())
-            if bool(torch.isnan(bias).any()):
-                raise ValueError(
-                    f"row {int(torch.isnan(bias).any(-1).nonzero()[0])}: NaN gate_bias"
-                )
+            bias = bias.float()
+            bad_bias = torch.isnan(bias) | (bias == math.inf)
+            if bool(bad_bias.any()):
+                row = int(bad_bias.any(-1).nonzero()[0])
+                raise ValueError(f"row {row}: gate_bias has NaN or +inf (-inf excludes a slot)")
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "gate_bias", bias)
+        object.__setattr__(self, "_gated_flags", (bool(gated.any()), bool(gated.all())))
+
+    @classmethod
+    def _derived(
+        cls,
+        weights: torch.Tensor,
+        gated: torch.Tensor,
+        bias: torch.Tensor | None,
+        flags: tuple[bool, bool] | None = None,
+    ) -> RowRouting:
+        """A routing made from validated values (moved, selected, repeated): not re-checked."""
+        routing = object.__new__(cls)
+        for name, value in (("weights", weights), ("gated", gated), ("gate_bias", bias)):
+            object.__setattr__(routing, name, value)
+        if flags is None:
+            flags = (bool(gated.any()), bool(gated.all()))
+        object.__setattr__(routing, "_gated_flags", flags)
+        return routing
+
+    @property
+    def any_gated(self) -> bool:
+        return self._gated_flags[0]
+
+    @property
+    def all_gated(self) -> bool:
+        return self._gated_flags[1]
 
     @property
     def batch_size(self) -> int:
@@ -141,34 +171,43 @@ class RowRouting:
         return routing if device is None else routing.to(device)
 
     def to(self, device: torch.device | str) -> RowRouting:
+        if self.weights.device == torch.device(device):
+            return self
         bias = None if self.gate_bias is None else self.gate_bias.to(device)
-        return RowRouting(self.weights.to(device), self.gated.to(device), bias)
+        return self._derived(
+            self.weights.to(device), self.gated.to(device), bias, self._gated_flags
+        )
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> RowRouting:
         """The routing of some rows, in the given order (e.g. a batch shrinking as requests end)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.weights.device)
         bias = None if self.gate_bias is None else self.gate_bias.index_select(0, index)
-        return RowRouting(
+        return self._derived(
             self.weights.index_select(0, index), self.gated.index_select(0, index), bias
         )
 
     def repeat_interleave(self, repeats: int) -> RowRouting:
         """Each row ``repeats`` times in place (what generate does for num_return_sequences)."""
         bias = None if self.gate_bias is None else self.gate_bias.repeat_interleave(repeats, 0)
-        return RowRouting(
-            self.weights.repeat_interleave(repeats, 0), self.gated.repeat_interleave(repeats), bias
-        )
+        weights = self.weights.repeat_interleave(repeats, 0)
+        gated = self.gated.repeat_interleave(repeats)
+        return self._derived(weights, gated, bias, self._gated_flags)
 
-    @staticmethod
-    def cat(routings: Sequence[RowRouting]) -> RowRouting:
-        """Stack the rows of several routings (all with or all without gate_bias)."""
+    @classmethod
+    def cat(cls, routings: Sequence[RowRouting]) -> RowRouting:
+        """Stack the rows of several routings (same experts; all with or all without gate_bias)."""
         biases = [r.gate_bias for r in routings]
         if any(b is None for b in biases) and not all(b is None for b in biases):
             raise ValueError("cannot concatenate routings with and without gate_bias")
-        return RowRouting(
+        flags = (
+            any(r.any_gated for r in routings),
+            all(r.all_gated for r in routings),
+        )
+        return cls._derived(
             torch.cat([r.weights for r in routings]),
             torch.cat([r.gated for r in routings]),
             None if biases[0] is None else torch.cat(biases),  # type: ignore[arg-type]
+            flags,
         )
 
 
@@ -194,8 +233,8 @@ def _describe(tensor: object) -> str:
 class RowTensors:
     """A RowRouting laid out for one layer's device and dtype (computed once per call).
 
-    fixed [B, 1, E, 1] (broadcasts over the low-rank activations [B, T, E, r]); gated [B, 1, 1]
-    bool or None when every row or no row is gated; bias [B, 1, S] float32 or None.
+    fixed [B, 1, E] (broadcasts over tokens); gated [B, 1, 1] bool, or None when every row or no
+    row is gated; bias [B, 1, S] float32 or None.
     """
 
     fixed: torch.Tensor
@@ -220,8 +259,7 @@ class CallScope:
 
     def __post_init__(self) -> None:
         if self.routing is not None:
-            self.any_gated = bool(self.routing.gated.any())
-            self.all_gated = bool(self.routing.gated.all())
+            self.any_gated, self.all_gated = self.routing.any_gated, self.routing.all_gated
 
     def rows(self, device: torch.device, dtype: torch.dtype) -> RowTensors:
         key = (device, dtype)
@@ -235,8 +273,8 @@ class CallScope:
             bias = None
             if routing.gate_bias is not None:
                 bias = routing.gate_bias.to(device)[:, None, :]  # [B, 1, S]
-            fixed = routing.weights.to(device=device, dtype=dtype)[:, None, :, None]
-            laid_out = self._laid_out[key] = RowTensors(fixed, gated, bias)  # [B, 1, E, 1]
+            fixed = routing.weights.to(device=device, dtype=dtype)[:, None, :]  # [B, 1, E]
+            laid_out = self._laid_out[key] = RowTensors(fixed, gated, bias)
         return laid_out
 
 

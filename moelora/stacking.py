@@ -35,7 +35,7 @@ def find_target(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Linear]
 def stack_experts(
     module: nn.Linear, path: str, experts: Sequence[ExpertAdapter]
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """One module's experts as lora_A [E, r_max, in] and lora_B [out, E, r_max] (B scaled),
+    """One module's experts as lora_A [E, r_max, in] and lora_B [E, r_max, out] (scaled Bᵀ),
     zero-padded to the largest rank, in the module's dtype and device."""
     blocks = []
     for expert in experts:
@@ -54,15 +54,15 @@ def restack(
     blocks: Sequence[tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """Stack per-expert (A [r, in], scaled B [out, r]) into lora_A [E, r_max, in] and lora_B
-    [out, E, r_max], zero-padded (a rank may be 0), in ``like``'s dtype and device."""
+    [E, r_max, out] (Bᵀ), zero-padded (a rank may be 0), in ``like``'s dtype and device."""
     ranks = tuple(int(a.shape[0]) for a, _ in blocks)
     r_max = max(ranks)
     in_features, out_features = blocks[0][0].shape[1], blocks[0][1].shape[0]
     lora_A = like.new_zeros(len(blocks), r_max, in_features)
-    lora_B = like.new_zeros(out_features, len(blocks), r_max)
+    lora_B = like.new_zeros(len(blocks), r_max, out_features)
     for index, (a, b) in enumerate(blocks):
         lora_A[index, : ranks[index]] = a
-        lora_B[:, index, : ranks[index]] = b
+        lora_B[index, : ranks[index]] = b.t()
     return lora_A, lora_B, ranks
 
 

@@ -80,8 +80,8 @@ def test_experts_with_different_ranks_are_stacked_with_exact_padding(
     a, b = code.weights[path]
     r, alpha, _ = expert_specs["code"]
     assert torch.equal(layer.lora_A[1, :r], a) and torch.all(layer.lora_A[1, r:] == 0)
-    torch.testing.assert_close(layer.lora_B[:, 1, :r], b * alpha / r)
-    assert torch.all(layer.lora_B[:, 1, r:] == 0)
+    torch.testing.assert_close(layer.lora_B[1, :r], (b * alpha / r).t())
+    assert torch.all(layer.lora_B[1, r:] == 0)
 
 
 @pytest.mark.parametrize("null_expert", [False, True])
