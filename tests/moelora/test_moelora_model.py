@@ -188,3 +188,5 @@ def test_fixed_gate_rejects_wrong_length(build: Build) -> None:
     moe = build()
     with pytest.raises(ValueError, match=r"need 3 slot weights"), moe.fixed_gate([1.0, 0.0]):
         pass
+    with pytest.raises(ValueError, match=r"weight -1.0 for expert 1"), moe.fixed_gate([1, -1, 0]):
+        pass

@@ -229,3 +229,21 @@ def test_model_checks_the_routing_once_per_call(moe: MoELoraModel) -> None:
         logits(moe, ids),
         logits(moe, ids, row_routing=RowRouting.from_choices([GATE] * 5, moe.expert_names)),
     )
+
+
+def test_routing_follows_a_batch_that_changes_shape() -> None:
+    names = ["law", "code"]
+    first = RowRouting.from_choices(["law", GATE], names)
+    second = RowRouting.from_choices([{"code": 0.25}], names)
+    joined = RowRouting.cat([first, second])
+    assert joined.batch_size == 3 and (joined.any_gated, joined.all_gated) == (True, False)
+    assert joined.weights.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 0.25]]
+    kept = joined.select([2, 0])
+    assert kept.weights.tolist() == [[0.0, 0.25], [1.0, 0.0]]
+    assert kept.gated.tolist() == [False, False] and not kept.any_gated
+    assert joined.repeat_interleave(2).gated.tolist() == [False, False, True, True, False, False]
+    biased = RowRouting(first.weights, first.gated, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"with and without gate_bias"):
+        RowRouting.cat([biased, second])
+    with pytest.raises(ValueError, match=r"row 1: gate_bias has NaN or \+inf"):
+        RowRouting(first.weights, first.gated, torch.tensor([[0.0, 0, 0], [0, float("inf"), 0]]))
