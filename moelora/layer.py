@@ -92,6 +92,14 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x)  # [*, out]
         scope = current_scope(self.owner)
         flat = x.reshape(-1, self.in_features)  # [N, in], N = B * T
+        config = self.gate_config
+        if scope is None and config.top_k is None and not (self.training and config.noise_std):
+            # The common case (the gate on every token, nothing recorded): a plain softmax.
+            logits = self.gate(flat)  # [N, S], float32
+            if config.temperature != 1.0:
+                logits = logits / config.temperature
+            probs = self._gate_weights(torch.softmax(logits, dim=-1)).unsqueeze(-1)  # [N, E, 1]
+            return self._add_dense(result, flat, probs, (flat.shape[0],))
         rows: RowTensors | None = None
         lead = (flat.shape[0], 1)  # (N, 1): every token gated; (B, T) with a row routing
         if scope is not None and scope.routing is not None:
@@ -109,28 +117,41 @@ class MoELoraLinear(nn.Module):
             bias = None if rows is None else rows.bias  # [B, 1, S]
             if bias is not None:
                 logits = logits.view(*lead, -1)  # [B, T, S]
-            routing = route(logits, self.gate_config, self.training, bias)
+            routing = route(logits, config, self.training, bias)
         if scope is not None and scope.recorder is not None:
             scope.recorder[id(self)] = self._trace(routing, rows, lead)
         if self.compute_path == "topk" and self.gate_config.top_k is not None:
             delta = self._topk_delta(flat, routing, rows, lead)  # [N, out]
             return result + delta.view(result.shape).to(result.dtype)
-        lora_A = self.lora_A
-        if flat.dtype != lora_A.dtype:  # autocast over float32 weights
-            flat = flat.to(lora_A.dtype)
-        low_rank = F.linear(flat, lora_A.view(-1, self.in_features))  # [N, E*r]
         if rows is None:  # the gate on every token
             assert routing is not None
-            weights = self._gate_weights(routing).unsqueeze(-1)  # [N, E, 1]
-            scaled = low_rank.view(-1, self.num_experts, self.r_max) * weights  # [N, E, r]
-        else:
-            weights = self._token_weights(routing, rows, lead).unsqueeze(-1)  # [B, T|1, E, 1]
-            scaled = low_rank.view(*lead, self.num_experts, self.r_max) * weights  # [B,T,E,r]
-        return self.add_dense_delta(result, scaled.view(flat.shape[0], -1))  # [N, E*r]
+            weights = self._gate_weights(routing.weights).unsqueeze(-1)  # [N, E, 1]
+            return self._add_dense(result, flat, weights, (flat.shape[0],))
+        weights = self._token_weights(routing, rows, lead).unsqueeze(-1)  # [B, T|1, E, 1]
+        return self._add_dense(result, flat, weights, lead)
 
-    def _gate_weights(self, routing: Routing) -> torch.Tensor:
-        """The gate's weights over the resident experts, in their dtype: [..., E]."""
-        weights, dtype = routing.weights, self.lora_A.dtype  # [..., S]
+    def _add_dense(
+        self,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        lead: tuple[int, ...],
+    ) -> torch.Tensor:
+        """The dense path: all experts in two matmuls, their rank groups scaled per token.
+
+        result [*, out] (updated in place), x [N, in], weights [*lead, E, 1] with lead (N,) or
+        (B, T|1).
+        """
+        lora_A = self.lora_A
+        if x.dtype != lora_A.dtype:  # autocast over float32 weights
+            x = x.to(lora_A.dtype)
+        low_rank = F.linear(x, lora_A.view(-1, self.in_features))  # [N, E*r]
+        scaled = low_rank.view(*lead, -1, self.r_max) * weights  # [*lead, E, r]
+        return self.add_dense_delta(result, scaled.view(x.shape[0], -1))  # [N, E*r]
+
+    def _gate_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """The gate's weights [..., S] over the resident experts, in their dtype: [..., E]."""
+        dtype = self.lora_A.dtype
         if weights.shape[-1] != self.num_gate_experts:  # drop the "no expert" slot
             weights = weights[..., : self.num_gate_experts]
         if weights.dtype != dtype:
@@ -146,7 +167,7 @@ class MoELoraLinear(nn.Module):
         their fixed weights), or [B, 1, E] when no row is gated."""
         if routing is None:
             return rows.fixed  # [B, 1, E]
-        weights = self._gate_weights(routing).view(*lead, self.num_experts)  # [B, T, E]
+        weights = self._gate_weights(routing.weights).view(*lead, self.num_experts)  # [B, T, E]
         if rows.gated is None:  # every row is gated
             return weights
         return torch.where(rows.gated, weights, rows.fixed)  # [B, T, E]
