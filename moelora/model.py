@@ -16,7 +16,7 @@ from moelora.experts import ExpertAdapter, ExpertError, ExpertInfo, check_compat
 from moelora.gate import Gate
 from moelora.layer import MoELoraLinear
 from moelora.losses import AuxLosses, GateTrace, aux_losses
-from moelora.routing import CallScope, RowRouting, call_scope
+from moelora.routing import CallScope, RowRouting, call_scope, check_routing
 from moelora.stacking import append_expert, check_fits, drop_expert, find_target, stack_experts
 
 NULL_SLOT = "none"
@@ -162,22 +162,7 @@ class MoELoraModel(nn.Module):
         return CallScope(owner=self._owner, routing=routing, recorder=self._recorder)
 
     def _check_routing(self, routing: RowRouting, batch: int | None) -> None:
-        """PEFT's _check_forward_args for row_routing: type, rows, widths."""
-        if not isinstance(routing, RowRouting):
-            raise TypeError(f"row_routing must be a RowRouting, got {type(routing).__name__}")
-        if batch is not None and routing.batch_size != batch:
-            raise ValueError(f"row_routing has {routing.batch_size} rows but the batch has {batch}")
-        if routing.num_experts != self.num_experts:
-            raise ValueError(
-                f"row_routing.weights has {routing.num_experts} columns but the model has "
-                f"{self.num_experts} experts {self.expert_names}"
-            )
-        slots = self.gate_slot_names
-        if routing.gate_bias is not None and routing.gate_bias.shape[1] != len(slots):
-            raise ValueError(
-                f"row_routing.gate_bias has {routing.gate_bias.shape[1]} columns but the gate "
-                f"has {len(slots)} slots {slots}"
-            )
+        check_routing(routing, batch, self.expert_names, self.gate_slot_names)
 
     def _device(self) -> torch.device:
         return next(iter(self._layers.values())).lora_A.device

@@ -211,6 +211,26 @@ class RowRouting:
         )
 
 
+def check_routing(
+    routing: RowRouting, batch: int | None, expert_names: list[str], gate_slots: list[str]
+) -> None:
+    """A model's check of a call's row_routing (PEFT's _check_forward_args): type, rows, widths."""
+    if not isinstance(routing, RowRouting):
+        raise TypeError(f"row_routing must be a RowRouting, got {type(routing).__name__}")
+    if batch is not None and routing.batch_size != batch:
+        raise ValueError(f"row_routing has {routing.batch_size} rows but the batch has {batch}")
+    if routing.num_experts != len(expert_names):
+        raise ValueError(
+            f"row_routing.weights has {routing.num_experts} columns but the model has "
+            f"{len(expert_names)} experts {expert_names}"
+        )
+    if routing.gate_bias is not None and routing.gate_bias.shape[1] != len(gate_slots):
+        raise ValueError(
+            f"row_routing.gate_bias has {routing.gate_bias.shape[1]} columns but the gate has "
+            f"{len(gate_slots)} slots {gate_slots}"
+        )
+
+
 def _weight(value: object, row: int, what: str) -> float:
     if not isinstance(value, int | float | torch.Tensor) or isinstance(value, bool):
         raise ValueError(f"row {row}: weight for {what} must be a number, got {value!r}")
