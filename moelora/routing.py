@@ -44,7 +44,7 @@ GATE: Final = _GateChoice()
 Choice: TypeAlias = "str | Mapping[str, float] | Sequence[float] | _GateChoice | None"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RowRouting:
     """Expert weights per batch row for one call. B = rows, E = resident experts, S = gate slots.
 
@@ -249,7 +249,7 @@ def _describe(tensor: object) -> str:
 # -- the per-call plumbing (used by MoELoraModel and MoELoraLinear) ------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RowTensors:
     """A RowRouting laid out for one layer's device and dtype (computed once per call).
 
