@@ -14,6 +14,8 @@ matmuls, so a mixed batch costs what an all-gate batch costs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,16 +94,8 @@ class MoELoraLinear(nn.Module):
         result = self.base_layer(x)  # [*, out]
         scope = current_scope(self.owner)
         flat = x.reshape(-1, self.in_features)  # [N, in], N = B * T
-        config = self.gate_config
-        if scope is None and config.top_k is None and not (self.training and config.noise_std):
-            # The common case (the gate on every token, nothing recorded): a plain softmax.
-            logits = self.gate(flat)  # [N, S], float32
-            if config.temperature != 1.0:
-                logits = logits / config.temperature
-            probs = self._gate_weights(torch.softmax(logits, dim=-1)).unsqueeze(-1)  # [N, E, 1]
-            return self._add_dense(result, flat, probs, (flat.shape[0],))
         rows: RowTensors | None = None
-        lead = (flat.shape[0], 1)  # (N, 1): every token gated; (B, T) with a row routing
+        lead: tuple[int, ...] = (flat.shape[0],)  # weights per token: (N,), or (B, T) per row
         if scope is not None and scope.routing is not None:
             batch = scope.routing.batch_size
             if x.ndim < 2 or x.shape[0] != batch:
@@ -111,8 +105,25 @@ class MoELoraLinear(nn.Module):
                 )
             rows = scope.rows(x.device, self.lora_A.dtype)
             lead = (batch, flat.shape[0] // batch)
+        config = self.gate_config
+        if (
+            config.top_k is None
+            and not (self.training and config.noise_std)
+            and (scope is None or scope.recorder is None)
+            and (rows is None or rows.bias is None)
+        ):  # the common cases: a plain softmax gate (or none), nothing recorded
+            if rows is not None and not rows.any_gated:
+                weights = rows.fixed  # [B, 1, E]
+            else:
+                logits = self.gate(flat)  # [N, S], float32
+                if config.temperature != 1.0:
+                    logits = logits / config.temperature
+                weights = self._gate_weights(torch.softmax(logits, dim=-1))  # [N, E]
+                if rows is not None:
+                    weights = self._mix_rows(weights.view(*lead, -1), rows)  # [B, T, E]
+            return self._add_dense(result, flat, weights.unsqueeze(-1), lead)
         routing = None  # None: no row uses the gate in this call, so it is not run
-        if scope is None or scope.any_gated:
+        if rows is None or rows.any_gated:
             logits = self.gate(flat)  # [N, S], float32
             bias = None if rows is None else rows.bias  # [B, 1, S]
             if bias is not None:
@@ -120,15 +131,10 @@ class MoELoraLinear(nn.Module):
             routing = route(logits, config, self.training, bias)
         if scope is not None and scope.recorder is not None:
             scope.recorder[id(self)] = self._trace(routing, rows, lead)
-        if self.compute_path == "topk" and self.gate_config.top_k is not None:
+        if self.compute_path == "topk" and config.top_k is not None:
             delta = self._topk_delta(flat, routing, rows, lead)  # [N, out]
             return result + delta.view(result.shape).to(result.dtype)
-        if rows is None:  # the gate on every token
-            assert routing is not None
-            weights = self._gate_weights(routing.weights).unsqueeze(-1)  # [N, E, 1]
-            return self._add_dense(result, flat, weights, (flat.shape[0],))
-        weights = self._token_weights(routing, rows, lead).unsqueeze(-1)  # [B, T|1, E, 1]
-        return self._add_dense(result, flat, weights, lead)
+        return self._add_dense(result, flat, self._weights(routing, rows, lead).unsqueeze(-1), lead)
 
     def _add_dense(
         self,
@@ -160,24 +166,28 @@ class MoELoraLinear(nn.Module):
             weights = F.pad(weights, (0, self.num_experts - self.num_gate_experts))
         return weights
 
-    def _token_weights(
-        self, routing: Routing | None, rows: RowTensors, lead: tuple[int, int]
-    ) -> torch.Tensor:
-        """Expert weights with a row routing: [B, T, E] (gated rows from the gate, the others
-        their fixed weights), or [B, 1, E] when no row is gated."""
-        if routing is None:
-            return rows.fixed  # [B, 1, E]
-        weights = self._gate_weights(routing.weights).view(*lead, self.num_experts)  # [B, T, E]
+    def _mix_rows(self, gate: torch.Tensor, rows: RowTensors) -> torch.Tensor:
+        """Gated rows keep the gate's weights [B, T, E], the others their fixed ones."""
         if rows.gated is None:  # every row is gated
-            return weights
-        return torch.where(rows.gated, weights, rows.fixed)  # [B, T, E]
+            return gate
+        return torch.where(rows.gated, gate, rows.fixed)  # [B, T, E]
+
+    def _weights(
+        self, routing: Routing | None, rows: RowTensors | None, lead: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Expert weights [*lead, E] in the experts' dtype ([B, 1, E] when no row is gated)."""
+        if routing is None:
+            assert rows is not None
+            return rows.fixed  # [B, 1, E]
+        weights = self._gate_weights(routing.weights).view(*lead, self.num_experts)
+        return weights if rows is None else self._mix_rows(weights, rows)
 
     def _topk_delta(
         self,
         x: torch.Tensor,
         routing: Routing | None,
         rows: RowTensors | None,
-        lead: tuple[int, int],
+        lead: tuple[int, ...],
     ) -> torch.Tensor:
         """Only the selected experts, each on its own tokens: x [N, in] -> [N, out]."""
         if rows is None:  # every token gated: the gate's top-k pairs
@@ -191,7 +201,7 @@ class MoELoraLinear(nn.Module):
                 token, expert, weight = token[real], expert[real], weight[real]
             return self._grouped_delta(x, token, expert, weight)
         assert rows is not None
-        weights = self._token_weights(routing, rows, lead).expand(*lead, -1)  # [B, T, E]
+        weights = self._weights(routing, rows, lead).expand(*lead, -1)  # [B, T, E]
         weights = weights.reshape(x.shape[0], self.num_experts)  # [N, E]
         token, expert = weights.nonzero(as_tuple=True)  # fixed rows: their nonzero experts
         return self._grouped_delta(x, token, expert, weights[token, expert])
@@ -231,12 +241,12 @@ class MoELoraLinear(nn.Module):
         return out
 
     def _trace(
-        self, routing: Routing | None, rows: RowTensors | None, lead: tuple[int, int]
+        self, routing: Routing | None, rows: RowTensors | None, lead: tuple[int, ...]
     ) -> GateTrace:
         """This layer's routing over the model's slots (resident experts, then "no expert"):
         logits / probs / weights / selected [N, slots]. Non-gated rows show their fixed weights
         as probs and weights, and zero logits."""
-        num_tokens = lead[0] * lead[1]
+        num_tokens = math.prod(lead)
         fixed = None
         if rows is not None:
             fixed = rows.fixed.float().expand(*lead, -1).reshape(num_tokens, -1)

@@ -254,12 +254,13 @@ class RowTensors:
     """A RowRouting laid out for one layer's device and dtype (computed once per call).
 
     fixed [B, 1, E] (broadcasts over tokens); gated [B, 1, 1] bool, or None when every row or no
-    row is gated; bias [B, 1, S] float32 or None.
+    row is gated (then any_gated tells which); bias [B, 1, S] float32 or None.
     """
 
     fixed: torch.Tensor
     gated: torch.Tensor | None
     bias: torch.Tensor | None
+    any_gated: bool
 
 
 @dataclass
@@ -294,7 +295,7 @@ class CallScope:
             if routing.gate_bias is not None:
                 bias = routing.gate_bias.to(device)[:, None, :]  # [B, 1, S]
             fixed = routing.weights.to(device=device, dtype=dtype)[:, None, :]  # [B, 1, E]
-            laid_out = self._laid_out[key] = RowTensors(fixed, gated, bias)
+            laid_out = self._laid_out[key] = RowTensors(fixed, gated, bias, self.any_gated)
         return laid_out
 
 
