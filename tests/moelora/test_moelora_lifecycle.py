@@ -138,6 +138,7 @@ def test_add_and_remove_an_expert_between_calls(
         path: (layer.lora_A.clone(), layer.lora_B.clone()) for path, layer in moe.moe_layers()
     }
     before = logits(moe, ids(), row_routing=RowRouting.from_choices(CHOICES, moe.expert_names))
+    gate_only = logits(moe, ids())
     moe.add_expert(read_expert("legal2", fourth_expert))
     assert moe.expert_names == ["law", "code", "medical", "legal2"]
     assert moe.gate_expert_names == ["law", "code", "medical"]
@@ -147,6 +148,7 @@ def test_add_and_remove_an_expert_between_calls(
     assert dict(moe.moe_layers())["model.layers.0.mlp.up_proj"].ranks == (4, 2, 6, 0)
     after = logits(moe, ids(), row_routing=RowRouting.from_choices(CHOICES, moe.expert_names))
     assert torch.equal(after, before)  # bit-identical for the experts already there
+    assert torch.equal(logits(moe, ids()), gate_only)
     assert torch.all(moe.gate_weights(ids())[..., 3] == 0)  # the gate gives it nothing
     new = logits(moe, ids(), row_routing=RowRouting.from_choices(["legal2"] * 5, moe.expert_names))
     peft = PeftModel.from_pretrained(base_factory(), str(fourth_expert)).eval()
