@@ -3,110 +3,13 @@ token, peak memory; every system measured on the same batch."""
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import statistics
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from loralab.data.records import Record
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _heap_reader() -> Callable[[], int] | None:
-    """Bytes malloc has handed out and not freed (glibc >= 2.33 ``mallinfo2``), else None."""
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
-
-    def read() -> int:
-        info = mallinfo2()
-        return int(info.uordblks + info.hblkhd)
-
-    return read
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA peak allocated (absolute, weights included); on CPU the peak
-    growth of malloc'd bytes inside the block (the tensors it allocates: activations, KV cache,
-    logits), sampled every millisecond (a tensor that lives less long can be missed). Where
-    ``mallinfo2`` is missing, RSS growth, which under-reports in a long-lived process because
-    freed pages are reused."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._read = _heap_reader() or _rss
-        self._stop = threading.Event()
-        self._peak = 0
-        self._start = 0
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._peak = max(self._peak, self._read())
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-        else:
-            self._start = self._peak = self._read()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            self._peak = torch.cuda.max_memory_allocated()
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, self._read())
-
-    @property
-    def mib(self) -> float:
-        """CUDA: peak allocated (weights included). CPU: peak growth inside the block."""
-        value = self._peak if self.cuda else self._peak - self._start
-        return round(value / 2**20, 1)
-
-
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``repeats`` calls (synchronised on CUDA); the caller warms ``fn`` up."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from loralab.measurement import PeakMemory, time_calls
 
 
 @torch.no_grad()
@@ -117,7 +20,7 @@ def measure_system_cost(
     new_tokens: int,
     repeats: int,
     pad_token_id: int,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Cost of ``system`` on one batch of equal-length prompts ``input_ids`` [B, T] for ``records``.
 
     ``prefill_tokens_per_s``: B*T / one forward; ``decode_tokens_per_s``: B*(new-1) / (time to
@@ -157,10 +60,10 @@ def measure_system_cost(
         system.prepare(records)
         prefill()
         run(batch, records, new_tokens)
-    prefill_s = timed(prefill, repeats, device)
-    one_s = timed(lambda: run(batch, records, 1), repeats, device)
-    full_s = timed(lambda: run(batch, records, new_tokens), repeats, device)
-    ttft_s = timed(first_token, repeats, device)
+    prefill_s = time_calls(prefill, device, repeats, warmup=0).median_s
+    one_s = time_calls(lambda: run(batch, records, 1), device, repeats, warmup=0).median_s
+    full_s = time_calls(lambda: run(batch, records, new_tokens), device, repeats, warmup=0).median_s
+    ttft_s = time_calls(first_token, device, repeats, warmup=1).median_s
     b, t = input_ids.shape
     return {
         "prefill_tokens_per_s": b * t / prefill_s,
