@@ -126,6 +126,7 @@ def make_results(n_examples: int = 40, seed: int = 0) -> dict:
             "batch_size": 4,
             "prompt_tokens": 64,
             "new_tokens": 12,
+            "allocated_before_systems_mb": 612.5,
         },
         "systems": list(SYSTEMS),
         "sets": list(SETS),
@@ -205,6 +206,7 @@ def test_write_report_draws_every_plot(results: dict, tmp_path: Path) -> None:
     assert "| arrow | 1450.0 | 18.0 | 41.0 | 710.0 | 531.0 |" in text
     assert "Batch 4, prompts of 64 tokens, 12 new tokens" in text
     assert "3 timed calls after a warm-up, 2 torch thread(s)" in text
+    assert "the process held 612.5 MiB" in text
     assert "gen_code pass_rate" in text and "gen_law rougeL" in text
 
 

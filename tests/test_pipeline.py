@@ -147,6 +147,8 @@ def test_every_system_has_every_metric(smoke_run):
     assert cost["moelora"]["weights_mb"] >= cost["expert_law"]["weights_mb"]  # + the gate
     measurement = results["measurement"]
     assert measurement["repeats"] >= 3 and measurement["threads"] >= 1
+    held = measurement["allocated_before_systems_mb"]  # the shared base, data, tokenizer
+    assert all(values["peak_memory_mb"] > held for values in cost.values())
     assert set(results["seconds"]) == {"routed", "merge_ties", "xlora", "arrow"}
     assert results["peak_rss_mb"] > 0
     rows = (smoke_run / "results.csv").read_text().splitlines()

@@ -49,7 +49,13 @@ from loralab.evaluation.sets import EvalSet, build_eval_sets
 from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests
 from loralab.evaluation.systems import gold_label
-from loralab.measurement import definition, materialize_weights, process_peak_rss_bytes, set_threads
+from loralab.measurement import (
+    allocator_in_use,
+    definition,
+    materialize_weights,
+    process_peak_rss_bytes,
+    set_threads,
+)
 from loralab.provenance import git_commit, package_versions
 
 log = logging.getLogger(__name__)
@@ -185,6 +191,9 @@ def evaluate(
     if cost.enabled:
         prompts = cost_prompts(sets, int(cost.prompt_tokens), int(cost.batch_size), device)
     run = _Run(cfg, sets)
+    # What the process holds before any system is built (the base model, data, tokenizer): the
+    # part of every absolute peak-memory figure that is not the system's own.
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else allocator_in_use()
     choices: RouterChoices | None = None
     for group in groups(names):
         group_started = time.perf_counter()
@@ -258,6 +267,7 @@ def evaluate(
             "batch_size": int(cost.batch_size),
             "prompt_tokens": int(cost.prompt_tokens),
             "new_tokens": int(cost.new_tokens),
+            "allocated_before_systems_mb": None if before is None else round(before / 2**20, 1),
         },
         "seconds": run.seconds,
         "peak_rss_mb": None if peak_rss is None else round(peak_rss / 2**20, 1),

@@ -218,7 +218,13 @@ def _measurement_note(m: Mapping[str, Any] | None) -> list[str]:
         f"calls after a warm-up, {m.get('threads')} torch thread(s); peak memory (absolute, "
         f"weights included): {m.get('peak_memory')}; weights: {m.get('weights')}. Prefill: one "
         "forward building the KV cache, last-position logits only; time to first token: one "
-        "request, routing included.",
+        "request, routing included."
+        + (
+            f" Before any system was built the process held {m['allocated_before_systems_mb']} "
+            "MiB (base model, data, tokenizer): part of every peak-memory figure."
+            if m.get("allocated_before_systems_mb") is not None
+            else ""
+        ),
         "",
     ]
 
