@@ -56,6 +56,30 @@ def _peft_nll(cfg, adapters, fingerprint, sets, tok, adapter):
     return out
 
 
+def test_nll_from_the_kept_positions_equals_the_full_log_likelihood(setup):
+    from loralab.evaluation.nll import scored_positions
+
+    _, shared, tok, sets, _ = setup
+    _, batch, _ = next(sets["two_domain"].batches(BATCH, tok.pad_token_id, CPU))
+    labels = batch["labels"]
+    keep = scored_positions(labels)
+    assert keep < labels.shape[1]  # the prompts are not scored
+    with torch.no_grad():
+        full = shared.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        kept = shared.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=keep,
+        )
+    sums, counts = batch_nll(kept.logits, labels)
+    logp = torch.log_softmax(full.logits[:, :-1].float(), -1)  # by hand, every position
+    mask = labels[:, 1:] != -100
+    target = labels[:, 1:].clamp_min(0)
+    expected = -(logp.gather(-1, target[..., None])[..., 0] * mask).sum(1)
+    torch.testing.assert_close(sums, expected, rtol=1e-5, atol=1e-4)
+    assert counts.tolist() == mask.sum(1).tolist()
+
+
 def test_routed_systems_equal_peft_and_share_each_single_choice(setup):
     cfg, shared, tok, sets, adapters = setup
     names = ["base", "expert_law", "expert_code", "expert_medical", "oracle", "merge_cat"]

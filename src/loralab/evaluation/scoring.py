@@ -4,7 +4,9 @@ Routed systems share one MoE-LoRA model: the single choices (base, each expert) 
 per example into a table (rows needing different choices go in one mixed batch), and the base,
 single-expert, oracle and router systems read their results from it; only weighted mixtures and
 the gate run forwards of their own. MoE-LoRA's gate statistics are recorded during its own
-scoring pass.
+scoring pass. Logits are computed only from the position before the batch's first scored token
+on (``logits_to_keep``) and the loss one row at a time, so a batch holds [B, K, V] logits and
+[K, V] temporaries, not the vocabulary over every prompt token.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loralab.evaluation.nll import batch_nll
+from loralab.evaluation.nll import batch_nll, scored_positions
 from loralab.evaluation.sets import EvalSet
 from loralab.evaluation.systems import (
     ModelSystem,
@@ -117,6 +119,7 @@ class RoutedScorer:
                 attention_mask=batch["attention_mask"],
                 row_routing=routing,
                 use_cache=False,
+                logits_to_keep=scored_positions(batch["labels"]),
             )
         return out.logits, (self.model.gate_trace().weights if recording else None)
 
@@ -210,7 +213,9 @@ def score_model(
         sums, counts = np.zeros(n), np.zeros(n, dtype=np.int64)
         for idx, batch, _ in eval_set.batches(batch_size, pad_id, device):
             logits = system.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                logits_to_keep=scored_positions(batch["labels"]),
             ).logits
             s, c = batch_nll(logits, batch["labels"])
             sums[idx], counts[idx] = s.float().cpu().numpy(), c.cpu().numpy()
