@@ -5,14 +5,17 @@
     python scripts/bench_moelora.py --random-experts       # random-B PEFT experts on the real base
 
 All methods use the same base model, experts, batch and lengths; each method (and each phase:
-inference, training) runs in its own fresh process so that peak memory is its own.
-Prefill = one forward over the prompt (logits for the last position only). Decode tokens/s =
-B * (N - 1) / (time of generate(N) - time of generate(1)), greedy, with the KV cache wherever the
-method allows it (PEFT X-LoRA turns it off). Gate training = forward + backward + AdamW step over
-the trainable parameters (the MoE-LoRA gates, the X-LoRA classifier). Peak memory: max allocated
-CUDA memory, or on CPU the process's peak RSS (same base model loaded in every process).
-Times are the best of --repeats after one warmup: wall clock on CUDA; on CPU the process's CPU
-time with one thread (robust to other jobs on a shared machine). The last line is a JSON summary.
+inference, training) runs in its own fresh process. Measured as ``loralab.measurement`` defines
+it (the README's "How time and memory are measured"): wall clock, the median of --repeats timed
+calls after one warm-up run, CUDA synchronised; --threads torch CPU threads.
+Prefill = one plain forward over the prompt building the KV cache, logits of the last position
+only. Decode tokens/s = B * (N - 1) / (time of generate(N) - time of generate(1)), greedy, with the
+KV cache wherever the method allows it (PEFT X-LoRA turns it off). Gate training = forward +
+backward + AdamW step over the trainable parameters (the MoE-LoRA gates, the X-LoRA classifier).
+Peak memory: absolute peak allocated bytes of the worker process during prefill + generate(N)
+(the warm-up run; training: during the training steps), weights included: CUDA
+max_memory_allocated, CPU glibc mallinfo2 in-use bytes sampled every 1 ms. Weights: bytes of the
+method's parameters and buffers. The last line is a JSON summary.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +36,14 @@ from omegaconf import DictConfig, OmegaConf
 import loralab  # noqa: F401  (config resolvers)
 from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
+from loralab.measurement import (
+    PeakMemory,
+    definition,
+    materialize_weights,
+    set_threads,
+    time_calls,
+    weights_bytes,
+)
 from loralab.training.random_experts import make_random_experts
 from moelora import GateConfig, MoELoraConfig, MoELoraModel, load_gate, read_gate_metadata
 
@@ -62,15 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="default: 2 on CPU, 8 on CUDA")
     p.add_argument("--prompt-len", type=int, help="default: 64 on CPU, 512 on CUDA")
     p.add_argument("--new-tokens", type=int, help="default: 16 on CPU, 256 on CUDA")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (best of) after a warmup")
-    p.add_argument("--train-steps", type=int, default=3, help="timed gate-training steps")
-    p.add_argument("--rounds", type=int, default=1, help="repeat all methods, keep each's best")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls (median) after a warm-up")
+    p.add_argument("--train-steps", type=int, default=3, help="timed gate-training steps (median)")
     p.add_argument("--top-k", type=int, default=2, help="k of the MoE-LoRA top-k variant")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--compile", action="store_true", help="torch.compile base and MoE-LoRA models")
-    p.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (CPU time is measured)"
-    )
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: "<method>:<infer|train>"
     return p.parse_args(argv)
@@ -79,60 +86,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- measuring (worker process) ------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Best (minimum) seconds of ``repeats`` calls after one warmup call.
-
-    CUDA: wall clock after a synchronize. CPU: this process's CPU time (one thread), which other
-    jobs on a shared machine inflate much less than wall-clock time; the minimum drops the rest.
-    """
-    cuda = device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
-    fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = clock()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(clock() - start)
-    return min(times)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """CUDA: max allocated. CPU: this process's RSS high-water mark (VmHWM; unlike ru_maxrss it
-    is not inherited from the parent across fork + exec)."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def measure_inference(
     model: Any,
     batch: dict[str, torch.Tensor],
     args: argparse.Namespace,
     device: torch.device,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     def generate(n: int) -> Callable[[], Any]:
         return lambda: model.generate(
             **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
         )
 
+    def prefill() -> None:
+        model(**batch, logits_to_keep=1)  # the KV cache where the method keeps one
+
     with torch.inference_mode():
-        prefill_s = timed(
-            lambda: model(**batch, use_cache=False, logits_to_keep=1), args.repeats, device
-        )
-        one_s = timed(generate(1), args.repeats, device)
-        full_s = timed(generate(args.new_tokens), args.repeats, device)
+        with PeakMemory(device) as memory:  # also the warm-up run of the timed calls below
+            prefill()
+            generate(args.new_tokens)()
+        prefill_s = time_calls(prefill, device, args.repeats, warmup=0).median_s
+        one_s = time_calls(generate(1), device, args.repeats, warmup=0).median_s
+        full_s = time_calls(generate(args.new_tokens), device, args.repeats, warmup=0).median_s
     rows = batch["input_ids"].shape[0]
     return {
         "prefill_tok_s": round(batch["input_ids"].numel() / prefill_s, 1),
         "decode_tok_s": round(rows * (args.new_tokens - 1) / max(full_s - one_s, 1e-9), 1),
-        "peak_mem_mib": peak_memory_mib(device),
+        "peak_mem_mib": memory.mib,
+        "weights_mib": round(weights_bytes(model) / 2**20, 1),
     }
 
 
@@ -152,11 +132,12 @@ def measure_training(
         model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
         optimizer.step()
 
-    seconds = timed(step, args.train_steps, device)
+    with PeakMemory(device) as memory:
+        seconds = time_calls(step, device, args.train_steps, warmup=1).median_s
     return {
         "train_tok_s": round(batch["input_ids"].numel() / seconds, 1),
         "trainable_params": sum(p.numel() for p in params),
-        "train_peak_mem_mib": peak_memory_mib(device),
+        "train_peak_mem_mib": memory.mib,
     }
 
 
@@ -216,6 +197,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     method, phase = args.worker.split(":")
     torch.manual_seed(args.seed)
     base, _ = load_base(args)
+    materialize_weights(base)  # so that the CPU allocator counts the weights, as CUDA's does
     device = next(base.parameters()).device
     experts = {d: args.experts_dir / d for d in DOMAINS}
     generator = torch.Generator().manual_seed(args.seed)
@@ -259,7 +241,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     if args.worker:
         result = run_worker(args)
         print(json.dumps(result))
@@ -296,25 +278,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     forwarded = [a for a in argv if a != "--random-experts"]
 
     results: dict[str, dict[str, Any]] = {}
-    for round_index in range(args.rounds):  # rounds interleave methods; keep each one's best
-        for method in methods:
-            row = spawn(args, forwarded, method, "infer")
-            if method in TRAINABLE:
-                row.update(spawn(args, forwarded, method, "train"))
-            best = results.setdefault(method, row)
-            for key, value in row.items():
-                if key.endswith("_tok_s") and isinstance(value, float):
-                    best[key] = max(value, best.get(key) or 0.0)
-            print(f"round {round_index + 1} {method:14s} {row}", flush=True)
+    for method in methods:
+        row = spawn(args, forwarded, method, "infer")
+        if method in TRAINABLE:
+            row.update(spawn(args, forwarded, method, "train"))
+        results[method] = row
+        print(f"{method:14s} {row}", flush=True)
     workdir.cleanup()
 
     def get(method: str, key: str) -> float | None:
         return results.get(method, {}).get(key)
 
     summary = {
-        "device": torch.cuda.get_device_name(device)
-        if cuda
-        else f"cpu ({args.threads} thread(s), CPU-time clock)",
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({threads} thread(s))",
         "dtype": str(dtype).removeprefix("torch."),
         "base_model": str(base_cfg.name),
         "experts": source,
@@ -323,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "new_tokens": args.new_tokens,
         "top_k": args.top_k,
         "compiled": args.compile,
-        "rounds": args.rounds,
+        "measurement": definition(device, args.repeats, 1, threads),
         "results": results,
         "prefill_ratio_vs_base": ratio(
             get("moelora_dense", "prefill_tok_s"), get("base", "prefill_tok_s")
@@ -354,7 +330,14 @@ def print_table(summary: dict[str, Any]) -> None:
         f"\n{summary['device']}, {summary['dtype']}, batch {summary['batch']}, prompt "
         f"{summary['prompt_len']}, {summary['new_tokens']} new tokens; {summary['experts']}"
     )
-    columns = ("prefill_tok_s", "decode_tok_s", "peak_mem_mib", "train_tok_s", "train_peak_mem_mib")
+    columns = (
+        "prefill_tok_s",
+        "decode_tok_s",
+        "peak_mem_mib",
+        "weights_mib",
+        "train_tok_s",
+        "train_peak_mem_mib",
+    )
     print(f"{'method':14s}" + "".join(f"{c:>19s}" for c in columns))
     for name, row in summary["results"].items():
         print(

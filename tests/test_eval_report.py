@@ -103,6 +103,7 @@ def make_results(n_examples: int = 40, seed: int = 0) -> dict:
             "decode_tokens_per_s": 40.0 - 2 * i,  # base fastest, arrow slowest
             "ttft_ms": 30.0 + i,
             "peak_memory_mb": 600.0 + 10 * i,
+            "weights_mb": 520.0 + i,
         }
         metrics += [_entry(system, "cost", m, v) for m, v in cost.items()]
     labels = ["law", "code", "medical", "base"]
@@ -116,6 +117,17 @@ def make_results(n_examples: int = 40, seed: int = 0) -> dict:
         "versions": {"torch": "2.x", "peft": "0.x"},
         "device": "cpu (test fixture)",
         "config": {"eval": {"systems": list(SYSTEMS)}, "seed": seed},
+        "measurement": {
+            "clock": "wall (time.perf_counter), median of the timed calls",
+            "repeats": 3,
+            "threads": 2,
+            "peak_memory": "glibc mallinfo2 in-use bytes (uordblks + hblkhd), sampled every 1 ms",
+            "weights": "bytes of parameters and buffers, unique storages",
+            "batch_size": 4,
+            "prompt_tokens": 64,
+            "new_tokens": 12,
+            "allocated_before_systems_mb": 612.5,
+        },
         "systems": list(SYSTEMS),
         "sets": list(SETS),
         "metrics": metrics,
@@ -188,8 +200,13 @@ def test_write_report_draws_every_plot(results: dict, tmp_path: Path) -> None:
     assert "| **medical** | 2 | 0 | 17 | 1 |" in text  # confusion row
     assert "Accuracy on the single-domain sets: 0.900" in text
     assert (
-        "| system | prefill_tokens_per_s | decode_tokens_per_s | ttft_ms | peak_memory_mb |" in text
+        "| system | prefill_tokens_per_s | decode_tokens_per_s | ttft_ms | peak_memory_mb "
+        "| weights_mb |" in text
     )
+    assert "| arrow | 1450.0 | 18.0 | 41.0 | 710.0 | 531.0 |" in text
+    assert "Batch 4, prompts of 64 tokens, 12 new tokens" in text
+    assert "3 timed calls after a warm-up, 2 torch thread(s)" in text
+    assert "the process held 612.5 MiB" in text
     assert "gen_code pass_rate" in text and "gen_law rougeL" in text
 
 

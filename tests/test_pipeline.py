@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["law", "code", "medical", "general", "two_domain"]
+COST = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb", "weights_mb")
 PLOTS = {"nll_by_set", "gap_recovery", "pareto", "router_confusion", "gate_usage", "gate_heatmaps"}
 
 
@@ -107,7 +108,7 @@ def test_every_system_has_every_metric(smoke_run):
                 assert (system, s, "gap_recovery") in have
         assert (system, "gen_code", "pass_rate") in have
         assert {(system, "gen_law", "rougeL"), (system, "gen_medical", "rougeL")} <= have
-        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb"):
+        for metric in COST:
             assert (system, "cost", metric) in have
         replies = results["generations"][system]
         assert set(replies) == {"gen_code", "gen_law", "gen_medical"}
@@ -136,6 +137,20 @@ def test_every_system_has_every_metric(smoke_run):
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-4)
     assert set(results["paired_tests"]["router_vs_moelora"]) == set(SETS)
     assert results["git_commit"] and results["versions"]["torch"]
+    # one base model, measured as loralab.measurement defines it
+    cost = {m["system"]: {} for m in results["metrics"] if m["set"] == "cost"}
+    for m in results["metrics"]:
+        if m["set"] == "cost":
+            cost[m["system"]][m["metric"]] = m["value"]
+    for system, values in cost.items():  # absolute: the weights the system runs on, and more
+        assert values["peak_memory_mb"] > values["weights_mb"] > 0, system
+    assert cost["moelora"]["weights_mb"] >= cost["expert_law"]["weights_mb"]  # + the gate
+    measurement = results["measurement"]
+    assert measurement["repeats"] >= 3 and measurement["threads"] >= 1
+    held = measurement["allocated_before_systems_mb"]  # the shared base, data, tokenizer
+    assert all(values["peak_memory_mb"] > held for values in cost.values())
+    assert set(results["seconds"]) == {"routed", "merge_ties", "xlora", "arrow"}
+    assert results["peak_rss_mb"] > 0
     rows = (smoke_run / "results.csv").read_text().splitlines()
     assert (
         rows[0] == "system,set,metric,value,ci_low,ci_high"

@@ -1,59 +1,77 @@
-"""Build every system named in ``cfg.eval.systems`` over the same verified experts."""
+"""Build the systems named in ``cfg.eval.systems`` on the shared base model, one group at a time.
+
+Groups: the routed systems (request-level systems and MoE-LoRA) on ONE ``MoELoraModel`` holding
+every expert; then PEFT's TIES merge, X-LoRA and Arrow, each a PEFT model of its own. Each group
+is built on the shared base inside ``SharedBase.lend``, used, unloaded, and the base is checked.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from loralab.artifacts import load_expert
-from loralab.base_model import load_base_model
 from loralab.baselines import build_arrow, build_xlora
 from loralab.data.records import Record
-from loralab.evaluation.systems import Choice, ModelSystem, RequestLevelSystem, System, gold_choice
+from loralab.evaluation.shared_base import SharedBase
+from loralab.evaluation.systems import Choice, ModelSystem, RoutedSystem, gold_choice
 from loralab.training.xlora import load_xlora_classifier
 
 log = logging.getLogger(__name__)
 
-REQUEST_LEVEL = ("base", "oracle", "merge_cat", "merge_ties", "router", "router_soft")
-KNOWN = (*REQUEST_LEVEL, "moelora", "xlora", "arrow")
+ROUTED = ("base", "oracle", "merge_cat", "router", "router_soft", "moelora")
+PEFT_SYSTEMS = ("merge_ties", "xlora", "arrow")
+KNOWN = (*ROUTED, *PEFT_SYSTEMS)
 
 
 class RouterChoices:
-    """Caches the request router's decisions per record id (``prepare`` routes a batch)."""
+    """The request router's decisions per record id (``prepare`` routes many with one encoder
+    call) and a fresh decision for one request (``live``, what serving it runs)."""
 
     def __init__(self, router_dir: str | Path, experts: Sequence[str]) -> None:
         import router
 
-        self.router = router.load(router_dir)
+        self.router: Any = router.load(router_dir)
+        self.model_version = str(self.router.model_version)
         self.experts = list(experts)
         self.decisions: dict[str, Any] = {}
 
     def prepare(self, records: Sequence[Record]) -> None:
-        todo = [r for r in records if r.id not in self.decisions]
+        todo = list({r.id: r for r in records if r.id not in self.decisions}.values())
         if todo:
-            for r, d in zip(
-                todo, self.router.route_batch([r.instruction for r in todo]), strict=True
-            ):
+            decisions = self.router.route_batch([r.instruction for r in todo])
+            for r, d in zip(todo, decisions, strict=True):
                 self.decisions[r.id] = d
 
+    def release(self) -> None:
+        """Drop the router (its encoder) once no system needs new decisions; keep the decisions."""
+        self.router = None
+
+    def _hard(self, decision: Any) -> Choice:
+        return decision.label if decision.label in self.experts else None
+
+    def _soft(self, decision: Any) -> Choice:
+        """The router's probabilities as expert weights; the ``base`` mass adds no adapter."""
+        if not decision.probs:
+            return None
+        return {d: float(decision.probs.get(d, 0.0)) for d in self.experts}
+
     def hard(self, record: Record) -> Choice:
-        label = self.decisions[record.id].label
-        return label if label in self.experts else None
+        return self._hard(self.decisions[record.id])
 
     def soft(self, record: Record) -> Choice:
-        """The router's probabilities as merge weights; the ``base`` mass adds no adapter."""
-        probs = self.decisions[record.id].probs
-        if not probs:
-            return None
-        return {d: float(probs.get(d, 0.0)) for d in self.experts}
+        return self._soft(self.decisions[record.id])
 
+    def live_hard(self, record: Record) -> Choice:
+        return self._hard(self.router.route(record.instruction))
 
-def constant_choice(choice: Choice) -> Callable[[Record], Choice]:
-    return lambda record: choice
+    def live_soft(self, record: Record) -> Choice:
+        return self._soft(self.router.route(record.instruction))
 
 
 def check_names(names: Sequence[str], experts: Sequence[str]) -> None:
@@ -63,82 +81,119 @@ def check_names(names: Sequence[str], experts: Sequence[str]) -> None:
         raise ValueError(f"eval.systems: unknown system(s) {unknown}; known: {sorted(allowed)}")
 
 
-def build_systems(
+def is_routed(name: str) -> bool:
+    return name in ROUTED or name.startswith("expert_")
+
+
+def groups(names: Sequence[str]) -> list[list[str]]:
+    """The build order: all routed systems together, then each PEFT system on its own."""
+    routed = [n for n in names if is_routed(n)]
+    return ([routed] if routed else []) + [[n] for n in names if not is_routed(n)]
+
+
+def need(path: Any, what: str, system: str) -> Path:
+    if path is None or not Path(path).exists():
+        raise FileNotFoundError(
+            f"system {system!r} needs the {what} (got {path}); train it or drop the system"
+        )
+    return Path(path)
+
+
+def constant(choice: Choice) -> Callable[[Record], Choice]:
+    return lambda record: choice
+
+
+def routed_systems(
+    names: Sequence[str], experts: Sequence[str], choices: RouterChoices | None
+) -> dict[str, RoutedSystem]:
+    """The routed systems among ``names`` (``router`` / ``router_soft`` need ``choices``)."""
+    from moelora import GATE
+
+    uniform = {d: 1.0 / len(experts) for d in experts}  # PEFT's `cat` merge with equal weights
+    out: dict[str, RoutedSystem] = {}
+    for name in names:
+        if name == "base":
+            out[name] = RoutedSystem(name, constant(None))
+        elif name.startswith("expert_"):
+            out[name] = RoutedSystem(name, constant(name.removeprefix("expert_")))
+        elif name == "oracle":
+            out[name] = RoutedSystem(name, lambda r: gold_choice(r, experts))
+        elif name == "merge_cat":
+            out[name] = RoutedSystem(name, constant(uniform))
+        elif name == "moelora":
+            out[name] = RoutedSystem(name, constant(GATE))
+        elif name in ("router", "router_soft"):
+            if choices is None:
+                raise ValueError(f"system {name!r} needs the router's decisions")
+            hard = name == "router"
+            out[name] = RoutedSystem(
+                name,
+                choices.hard if hard else choices.soft,
+                choices.live_hard if hard else choices.live_soft,
+            )
+    return out
+
+
+@contextmanager
+def routed_model(
+    shared: SharedBase,
+    adapters: Mapping[str, Path],
+    with_gate: Path | None,
+) -> Iterator[Any]:
+    """One ``MoELoraModel`` over every expert on the shared base (with the trained gate from
+    ``with_gate`` when MoE-LoRA is evaluated; else a fresh gate that no row uses)."""
+    from moelora import MoELoraConfig, MoELoraModel, load_moelora
+
+    with shared.lend("routed systems (one MoE-LoRA model)") as base:
+        if with_gate is not None:
+            model = load_moelora(base, with_gate, dict(adapters), shared.fingerprint)
+        else:
+            model = MoELoraModel.from_adapters(
+                base, dict(adapters), MoELoraConfig(), shared.fingerprint
+            )
+        try:
+            yield model.eval()
+        finally:
+            model.unload()
+
+
+@contextmanager
+def peft_system(
+    name: str,
+    shared: SharedBase,
     cfg: DictConfig,
     adapters: Mapping[str, Path],
-    fingerprint: str,
-    router_dir: str | Path | None = None,
-    moelora_dir: str | Path | None = None,
-    xlora_dir: str | Path | None = None,
-) -> tuple[dict[str, System], RouterChoices | None]:
-    """Systems in ``cfg.eval.systems`` order; each needing a missing artifact raises a clear error."""
-    names = [str(n) for n in cfg.eval.systems]
+    xlora_dir: str | Path | None,
+) -> Iterator[ModelSystem]:
+    """PEFT's TIES merge (only the merged adapter kept), X-LoRA (trained classifier, verified)
+    or Arrow, on the shared base; unloaded at the end of the block."""
     experts = list(adapters)
-    check_names(names, experts)
-    cache = cfg.paths.cache_dir
-
-    def need(path: Any, what: str, system: str) -> Path:
-        if path is None or not Path(path).exists():
-            raise FileNotFoundError(
-                f"system {system!r} needs the {what} (got {path}); train it or drop the system"
-            )
-        return Path(path)
-
-    systems: dict[str, System] = {}
-    choices: RouterChoices | None = None
-    if any(n in REQUEST_LEVEL or n.startswith("expert_") for n in names):
-        bank = load_expert(
-            load_base_model(cfg.base_model, cache)[0], dict(adapters), fingerprint
-        ).eval()
-        if "merge_cat" in names:
-            bank.add_weighted_adapter(
-                experts, [1.0 / len(experts)] * len(experts), "merge_cat", combination_type="cat"
-            )
-        if "merge_ties" in names:
-            bank.add_weighted_adapter(
+    with shared.lend(name) as lent:
+        base: Any = lent
+        model: Any
+        if name == "merge_ties":
+            model = load_expert(base, dict(adapters), shared.fingerprint)
+            model.add_weighted_adapter(
                 experts,
                 [float(cfg.eval.merges.ties_weight)] * len(experts),
-                "merge_ties",
+                name,
                 combination_type="ties_svd",
                 density=float(cfg.eval.merges.ties_density),
             )
-        bank.eval()  # adapters added after .eval() come with dropout in training mode
-        if "router" in names or "router_soft" in names:
-            choices = RouterChoices(need(router_dir, "router folder", "router"), experts)
-        for name in names:
-            if name == "base":
-                systems[name] = RequestLevelSystem(name, bank, constant_choice(None))
-            elif name.startswith("expert_"):
-                systems[name] = RequestLevelSystem(
-                    name, bank, constant_choice(name.removeprefix("expert_"))
-                )
-            elif name == "oracle":
-                systems[name] = RequestLevelSystem(name, bank, lambda r: gold_choice(r, experts))
-            elif name in ("merge_cat", "merge_ties"):
-                systems[name] = RequestLevelSystem(name, bank, constant_choice(name))
-            elif name in ("router", "router_soft") and choices is not None:
-                choose = choices.hard if name == "router" else choices.soft
-                systems[name] = RequestLevelSystem(name, bank, choose, choices.prepare)
-    for name in names:
-        if name == "moelora":
-            from moelora import load_moelora
-
-            gate = need(moelora_dir, "trained MoE-LoRA gate folder", name)
-            base = load_base_model(cfg.base_model, cache)[0]
-            systems[name] = ModelSystem(
-                name, load_moelora(base, gate, dict(adapters), fingerprint).eval()
-            )
+            model.set_adapter(name)
+            for expert in experts:  # the merge alone is what a user of it holds
+                model.delete_adapter(expert)
         elif name == "xlora":
             folder = need(xlora_dir, "trained X-LoRA classifier folder", name)
-            model = build_xlora(load_base_model(cfg.base_model, cache)[0], adapters)
-            load_xlora_classifier(model, folder, adapters, fingerprint)
-            systems[name] = ModelSystem(name, model.eval())
+            model = build_xlora(base, adapters)
+            load_xlora_classifier(model, folder, adapters, shared.fingerprint)
         elif name == "arrow":
             model = build_arrow(
-                load_base_model(cfg.base_model, cache)[0],
-                adapters,
-                int(cfg.eval.arrow.top_k),
-                float(cfg.eval.arrow.temperature),
+                base, adapters, int(cfg.eval.arrow.top_k), float(cfg.eval.arrow.temperature)
             )
-            systems[name] = ModelSystem(name, model.eval())
-    return {n: systems[n] for n in names}, choices
+        else:
+            raise ValueError(f"{name!r} is not a PEFT system {PEFT_SYSTEMS}")
+        try:
+            yield ModelSystem(name, model.eval())
+        finally:
+            model.unload()

@@ -1,170 +1,165 @@
-"""Speed and memory of a system in this process: prefill and decode tokens/s, time to first
-token, peak memory; every system measured on the same batch."""
+"""What serving costs per system, measured as ``loralab.measurement`` defines it, on one batch of
+equal-length prompts shared by every system:
+
+- ``prefill_tokens_per_s`` = B*T / one plain forward over the prompts that builds the KV cache
+  (where the system keeps one) and computes the logits of the last position only;
+- ``decode_tokens_per_s`` = B*(N-1) / (t(generate N) - t(generate 1)), greedy;
+- ``ttft_ms``: one request, from its token ids to its first generated token, with the system's
+  routing INSIDE the timed call (the router's ``route`` on the request text every time);
+- ``peak_memory_mb``: absolute peak allocated memory during prefill + generate(N) of the batch;
+- ``weights_mb``: the bytes of the parameters and buffers the system runs on.
+
+Batch routings (which expert each row uses) are decided before the prefill / decode timings;
+their cost is what the time to first token includes.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import statistics
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from loralab.data.records import Record
+from loralab.evaluation.sets import EvalSet
+from loralab.evaluation.systems import ModelSystem, RoutedSystem, served_choice
+from loralab.measurement import MIB, PeakMemory, time_calls, weights_bytes
+
+COST_SET = "cost"
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+def cost_prompts(
+    sets: Mapping[str, EvalSet], prompt_tokens: int, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, list[Record]]:
+    """``batch_size`` prompts of ``prompt_tokens`` tokens [B, T], taken from each single-domain
+    set in turn (so routers see every domain), and their records."""
+    pool = [
+        (s, i)
+        for i in range(max(len(s.records) for s in sets.values()))
+        for s in sets.values()
+        if s.name != "two_domain" and i < len(s.records)
+    ]
+    rows, records = [], []
+    for s, i in pool:
+        ids = s.examples[i].input_ids
+        if len(ids) >= prompt_tokens:
+            rows.append(ids[:prompt_tokens])
+            records.append(s.records[i])
+        if len(rows) == batch_size:
+            break
+    if not rows:
+        raise ValueError(
+            f"no evaluation prompt has {prompt_tokens} tokens: lower eval.cost.prompt_tokens"
         )
-    ]  # fmt: skip
+    return torch.tensor(rows, device=device), records
 
 
-def _heap_reader() -> Callable[[], int] | None:
-    """Bytes malloc has handed out and not freed (glibc >= 2.33 ``mallinfo2``), else None."""
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
+class Served:
+    """How one system serves: ``forward`` / ``generate`` of a batch whose routing is decided,
+    ``first_token`` of one request (deciding its routing inside), and its weights."""
 
-    def read() -> int:
-        info = mallinfo2()
-        return int(info.uordblks + info.hblkhd)
+    def __init__(
+        self,
+        model: Any,
+        routing: Any = None,
+        decide: Callable[[Record], Any] | None = None,
+        exclude: Sequence[torch.Tensor] = (),
+    ) -> None:
+        self.model = model
+        self._routing = routing  # RowRouting of the batch (routed systems)
+        self._decide = decide  # Record -> RowRouting of one request (routed systems)
+        self.weights_bytes = weights_bytes(model, exclude)
 
-    return read
+    def _kwargs(self, routing: Any) -> dict[str, Any]:
+        return {} if routing is None else {"row_routing": routing}
 
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> None:
+        self.model(**batch, logits_to_keep=1, **self._kwargs(self._routing))
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+    def generate(self, batch: Mapping[str, torch.Tensor], n: int, routing: Any = None) -> None:
+        routing = self._routing if routing is None else routing
+        self.model.generate(
+            **batch,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            **self._kwargs(routing),
+        )
 
-
-class PeakMemory:
-    """Peak memory of a block: CUDA peak allocated (absolute, weights included); on CPU the peak
-    growth of malloc'd bytes inside the block (the tensors it allocates: activations, KV cache,
-    logits), sampled every millisecond (a tensor that lives less long can be missed). Where
-    ``mallinfo2`` is missing, RSS growth, which under-reports in a long-lived process because
-    freed pages are reused."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._read = _heap_reader() or _rss
-        self._stop = threading.Event()
-        self._peak = 0
-        self._start = 0
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self._peak = max(self._peak, self._read())
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-        else:
-            self._start = self._peak = self._read()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            self._peak = torch.cuda.max_memory_allocated()
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._peak = max(self._peak, self._read())
-
-    @property
-    def mib(self) -> float:
-        """CUDA: peak allocated (weights included). CPU: peak growth inside the block."""
-        value = self._peak if self.cuda else self._peak - self._start
-        return round(value / 2**20, 1)
+    def first_token(self, record: Record, batch: Mapping[str, torch.Tensor]) -> None:
+        routing = None if self._decide is None else self._decide(record)
+        self.generate(batch, 1, routing)
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``repeats`` calls (synchronised on CUDA); the caller warms ``fn`` up."""
+def served_routed(model: Any, system: RoutedSystem, records: Sequence[Record]) -> Served:
+    """A routed system on the shared MoE-LoRA model; its weights leave out the gate unless the
+    system uses it."""
+    from moelora import GATE, RowRouting
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    device = next(iter(model.moe_layers()))[1].lora_A.device
+    names = model.expert_names
 
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    def routing_of(recs: Sequence[Record], choose: Callable[[Record], Any]) -> Any:
+        return RowRouting.from_choices([served_choice(choose(r)) for r in recs], names, device)
+
+    live = system.route_live or system.choose
+    uses_gate = any(system.choose(r) is GATE for r in records)
+    return Served(
+        model,
+        routing_of(records, system.choose),
+        lambda record: routing_of([record], live),
+        () if uses_gate else model.gate_parameters(),
+    )
+
+
+def served_model(system: ModelSystem) -> Served:
+    return Served(system.model)
 
 
 @torch.no_grad()
-def measure_system_cost(
-    system: Any,
-    records: Sequence[Record],
+def measure_cost(
+    served: Served,
     input_ids: torch.Tensor,
+    records: Sequence[Record],
     new_tokens: int,
     repeats: int,
-    pad_token_id: int,
-) -> dict[str, float]:
-    """Cost of ``system`` on one batch of equal-length prompts ``input_ids`` [B, T] for ``records``.
-
-    ``prefill_tokens_per_s``: B*T / one forward; ``decode_tokens_per_s``: B*(new-1) / (time to
-    generate ``new_tokens`` minus time to generate 1); ``ttft_ms``: time to the first token of a
-    single request, routing included; ``peak_memory_mb``: see :class:`PeakMemory`.
-    Per-request mixtures that cannot batch run the batch one request at a time.
-    """
+) -> dict[str, float | None]:
+    """The cost metrics of one system (see the module docstring) on ``input_ids`` [B, T]."""
     device = input_ids.device
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    gen = {"do_sample": False, "pad_token_id": pad_token_id, "eos_token_id": None}
-
-    def run(b: dict[str, torch.Tensor], recs: Sequence[Record], n: int) -> None:
-        try:
-            system.generate(b, recs, max_new_tokens=n, min_new_tokens=n, **gen)
-        except ValueError:  # one request at a time
-            for i in range(len(recs)):
-                system.generate(
-                    {k: v[i : i + 1] for k, v in b.items()},
-                    recs[i : i + 1],
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    **gen,
-                )
-
-    def prefill() -> None:
-        system.nll({**batch, "labels": input_ids}, records)
-
     single = {k: v[:1] for k, v in batch.items()}
-
-    def first_token() -> None:
-        system.prepare(records[:1])
-        run(single, records[:1], 1)
-
-    # The memory run is also the warm-up of every timed call below (they do subsets of its work);
-    # it is kept apart from the timings because sampling would slow them.
+    # The memory run is also the warm-up of the prefill and decode timings (same calls); it is
+    # not timed because the allocator sampling slows it.
     with PeakMemory(device) as memory:
-        system.prepare(records)
-        prefill()
-        run(batch, records, new_tokens)
-    prefill_s = timed(prefill, repeats, device)
-    one_s = timed(lambda: run(batch, records, 1), repeats, device)
-    full_s = timed(lambda: run(batch, records, new_tokens), repeats, device)
-    ttft_s = timed(first_token, repeats, device)
+        served.forward(batch)
+        served.generate(batch, new_tokens)
+    prefill_s = time_calls(lambda: served.forward(batch), device, repeats, warmup=0).median_s
+    one_s = time_calls(lambda: served.generate(batch, 1), device, repeats, warmup=0).median_s
+    full_s = time_calls(lambda: served.generate(batch, new_tokens), device, repeats, warmup=0)
+    ttft = time_calls(lambda: served.first_token(records[0], single), device, repeats, warmup=1)
     b, t = input_ids.shape
     return {
         "prefill_tokens_per_s": b * t / prefill_s,
-        "decode_tokens_per_s": b * (new_tokens - 1) / max(full_s - one_s, 1e-9),
-        "ttft_ms": 1000 * ttft_s,
+        "decode_tokens_per_s": b * (new_tokens - 1) / max(full_s.median_s - one_s, 1e-9),
+        "ttft_ms": 1000 * ttft.median_s,
         "peak_memory_mb": memory.mib,
+        "weights_mb": round(served.weights_bytes / MIB, 1),
     }
+
+
+def cost_metrics(system: str, values: Mapping[str, float | None]) -> list[dict[str, Any]]:
+    """Rows of ``results['metrics']`` (set ``cost``); an unavailable value is left out."""
+    return [
+        {
+            "system": system,
+            "set": COST_SET,
+            "metric": k,
+            "value": v,
+            "ci_low": None,
+            "ci_high": None,
+        }
+        for k, v in values.items()
+        if v is not None
+    ]

@@ -1,4 +1,10 @@
-"""Run every system on every evaluation set and collect the results dict (see ``report.py``)."""
+"""Run every system on every evaluation set and collect the results dict (see ``report.py``).
+
+The base model is loaded once. Systems are built on it group by group (``build.groups``): the
+request-level systems and MoE-LoRA on one MoE-LoRA model, then each PEFT system; each group scores
+every set, generates, measures its cost, and is torn down before the next (the base is checked
+unchanged after each).
+"""
 
 from __future__ import annotations
 
@@ -14,70 +20,45 @@ import numpy as np
 import torch
 from lightning import seed_everything
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from loralab.artifacts import read_manifest, verify_adapter
 from loralab.base_model import load_base_model, resolve_device, weights_fingerprint
 from loralab.config import to_container
 from loralab.data.records import Record
-from loralab.evaluation.build import RouterChoices, build_systems
-from loralab.evaluation.cost import measure_system_cost
-from loralab.evaluation.generation import extract_code, generate_reply, generation_sets, run_checks
+from loralab.evaluation.build import (
+    RouterChoices,
+    check_names,
+    groups,
+    is_routed,
+    need,
+    peft_system,
+    routed_model,
+    routed_systems,
+)
+from loralab.evaluation.cost import (
+    cost_metrics,
+    cost_prompts,
+    measure_cost,
+    served_model,
+    served_routed,
+)
+from loralab.evaluation.generation import Generator, generation_metrics, generation_sets
 from loralab.evaluation.sandbox import isolation
+from loralab.evaluation.scoring import GateRecorder, RoutedScorer, Scored, score_model
 from loralab.evaluation.sets import EvalSet, build_eval_sets
-from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests, rouge_l
-from loralab.evaluation.systems import (
-    ModelSystem,
-    RequestLevelSystem,
-    System,
-    gold_label,
-    shareable_options,
+from loralab.evaluation.shared_base import SharedBase
+from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests
+from loralab.evaluation.systems import gold_label
+from loralab.measurement import (
+    allocator_in_use,
+    definition,
+    materialize_weights,
+    process_peak_rss_bytes,
+    set_threads,
 )
 from loralab.provenance import git_commit, package_versions
 
 log = logging.getLogger(__name__)
-
-# Results of single-model choices over the shared PEFT model, keyed by (set, example index, choice):
-# the oracle and the router mostly pick what a single expert (or the base) already ran on that
-# example, so their NLL and replies are looked up instead of recomputed. Weighted mixtures are not.
-ChoiceMemo = dict[tuple[str, int, str | None], Any]
-
-
-def _choices(system: System, records: Sequence[Record]) -> list[tuple[str | None, ...] | None]:
-    if not isinstance(system, RequestLevelSystem):
-        return [None] * len(records)
-    return [shareable_options(system.choose(r)) for r in records]
-
-
-def score_set(
-    system: System,
-    eval_set: EvalSet,
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-    memo: ChoiceMemo | None = None,
-) -> dict[str, list]:
-    """Per-example summed NLL and target-token count, in the set's record order."""
-    n = len(eval_set.records)
-    sums, counts = np.zeros(n), np.zeros(n, dtype=np.int64)
-    memo = {} if memo is None else memo
-    system.prepare(eval_set.records)
-    for idx, batch, records in eval_set.batches(batch_size, pad_id, device):
-        options = _choices(system, records)
-        keys = [
-            [(eval_set.name, i, o) for o in opts] if opts else None
-            for i, opts in zip(idx, options, strict=True)
-        ]
-        if all(k and all(key in memo for key in k) for k in keys):
-            best = [min((memo[key] for key in k), key=lambda sc: sc[0]) for k in keys if k]
-            sums[idx], counts[idx] = [b[0] for b in best], [b[1] for b in best]
-            continue
-        s, c = system.nll(batch, records)
-        sums[idx], counts[idx] = s.float().cpu().numpy(), c.cpu().numpy()
-        for i, k in zip(idx, keys, strict=True):
-            if k and len(k) == 1:
-                memo[k[0]] = (float(sums[i]), int(counts[i]))
-    return {"nll_sum": sums.tolist(), "n_tokens": counts.tolist()}
 
 
 def routing_summary(
@@ -111,159 +92,9 @@ def routing_summary(
     }
 
 
-@torch.no_grad()
-def gate_summary(
-    system: ModelSystem,
-    sets: Mapping[str, EvalSet],
-    n_heatmaps: int,
-    tokenizer: Any,
-    pad_id: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """MoE-LoRA's mean gate weight per expert on each set's response tokens, and per-token
-    heatmaps (mean over layers) of the first two-domain examples."""
-    model = system.model
-    slots = list(model.slot_names)
-    usage: dict[str, dict[str, float]] = {}
-    for name, eval_set in sets.items():
-        total = torch.zeros(len(slots))
-        count = 0
-        for _, batch, _ in eval_set.batches(8, pad_id, device):
-            w = (
-                model.gate_weights(batch["input_ids"], batch["attention_mask"]).float().mean(2)
-            )  # [B, T, S]
-            mask = batch["labels"] != -100
-            total += w[mask].sum(0).cpu()
-            count += int(mask.sum())
-        usage[name] = {s: float(v) for s, v in zip(slots, total / max(1, count), strict=True)}
-    heatmaps = []
-    pairs = sets.get("two_domain")
-    for i in range(min(n_heatmaps, len(pairs.records) if pairs else 0)):
-        assert pairs is not None
-        ids = torch.tensor([pairs.examples[i].input_ids], device=device)
-        w = model.gate_weights(ids, torch.ones_like(ids)).float().mean(2)[0]  # [T, S]
-        start = pairs.examples[i].labels.index(
-            next(t for t in pairs.examples[i].labels if t != -100)
-        )
-        heatmaps.append(
-            {
-                "tokens": [tokenizer.decode([t]) for t in pairs.examples[i].input_ids[start:]],
-                "weights": w[start:].cpu().tolist(),
-                "domains": pairs.records[i].domain.split("+"),
-            }
-        )
-    return {"experts": slots, "gate_usage": usage, "heatmaps": heatmaps}
-
-
-def generation_metrics(
-    systems: Mapping[str, System], cfg: DictConfig, tokenizer: Any, device: torch.device
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[dict[str, Any]]]]]:
-    """``pass_rate`` on ``gen_code`` (MBPP, executed in a sandboxed subprocess), ``rougeL``
-    elsewhere; and every reply with its score, per system and set."""
-    gen = cfg.eval.generation
-    sets = generation_sets(cfg.data, int(gen.per_set))
-    out = []
-    replies: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    memo: ChoiceMemo = {}
-    for name, system in systems.items():
-        started = time.perf_counter()
-        replies[name] = {}
-        for set_name, items in sets.items():
-            scored: list[dict[str, Any]] = []
-            system.prepare([item.record for item in items])
-            options = _choices(system, [item.record for item in items])
-            for i, (item, opts) in enumerate(zip(items, options, strict=True)):
-                key = (set_name, i, opts[0]) if opts else None  # best-of generates with its first
-                if key is not None and key in memo:
-                    scored.append(memo[key])
-                    continue
-                reply = generate_reply(
-                    system,
-                    tokenizer,
-                    item,
-                    int(gen.max_new_tokens),
-                    int(gen.max_prompt_tokens),
-                    device,
-                )
-                if item.tests:
-                    code = extract_code(reply)
-                    score = float(run_checks(code, item.tests, item.setup, float(gen.timeout_s)))
-                else:
-                    score = rouge_l(reply, item.record.response)
-                scored.append({"id": item.record.id, "reply": reply, "score": score})
-                if key is not None:
-                    memo[key] = scored[-1]
-            replies[name][set_name] = scored
-            scores = [r["score"] for r in scored]
-            metric = "pass_rate" if set_name == "gen_code" else "rougeL"
-            out.append(
-                {
-                    "system": name,
-                    "set": set_name,
-                    "metric": metric,
-                    "value": float(np.mean(scores)),
-                    "ci_low": None,
-                    "ci_high": None,
-                }
-            )
-        log.info("generated %s (%.0f s)", name, time.perf_counter() - started)
-    return out, replies
-
-
-def cost_metrics(
-    systems: Mapping[str, System],
-    sets: Mapping[str, EvalSet],
-    cfg: DictConfig,
-    pad_id: int,
-    device: torch.device,
-) -> list[dict[str, Any]]:
-    """Prefill / decode tokens/s, time to first token and peak memory, same batch for every system.
-
-    The batch takes prompts from each single-domain set in turn (so routers see every domain),
-    cut to ``eval.cost.prompt_tokens`` tokens.
-    """
-    c = cfg.eval.cost
-    width, size = int(c.prompt_tokens), int(c.batch_size)
-    pool = [
-        (s, i)
-        for i in range(max(len(s.records) for s in sets.values()))
-        for s in sets.values()
-        if s.name != "two_domain" and i < len(s.records)
-    ]
-    rows, recs = [], []
-    for s, i in pool:
-        ids = s.examples[i].input_ids
-        if len(ids) >= width:
-            rows.append(ids[:width])
-            recs.append(s.records[i])
-        if len(rows) == size:
-            break
-    if not rows:
-        raise ValueError(f"no evaluation prompt has {width} tokens: lower eval.cost.prompt_tokens")
-    input_ids = torch.tensor(rows, device=device)
-    out: list[dict[str, Any]] = []
-    for name, system in systems.items():
-        log.info("cost: %s", name)
-        values = measure_system_cost(
-            system, recs, input_ids, int(c.new_tokens), int(c.repeats), pad_id
-        )
-        out.extend(
-            {
-                "system": name,
-                "set": "cost",
-                "metric": k,
-                "value": v,
-                "ci_low": None,
-                "ci_high": None,
-            }
-            for k, v in values.items()
-        )
-    return out
-
-
 def evaluated_artifacts(
     manifests: Mapping[str, Mapping[str, Any]],
-    systems: Mapping[str, System],
+    systems: Sequence[str],
     choices: RouterChoices | None,
     moelora_dir: str | Path | None,
     xlora_dir: str | Path | None,
@@ -280,7 +111,7 @@ def evaluated_artifacts(
         }
     }
     if choices is not None:
-        out["router"] = {"model_version": choices.router.model_version}
+        out["router"] = {"model_version": choices.model_version}
     if "moelora" in systems and moelora_dir is not None:
         from moelora import read_gate_metadata
 
@@ -289,6 +120,38 @@ def evaluated_artifacts(
         xlora_manifest = read_manifest(xlora_dir)
         out["xlora_classifier"] = {"classifier_sha256": xlora_manifest["classifier_sha256"]}
     return out
+
+
+class _Run:
+    """What one evaluation accumulates, system by system."""
+
+    def __init__(self, cfg: DictConfig, sets: Mapping[str, EvalSet]) -> None:
+        self.cfg = cfg
+        self.sets = sets
+        self.per_example: dict[str, dict[str, Scored]] = {}
+        self.metrics: list[dict[str, Any]] = []
+        self.generations: dict[str, Any] = {}
+        self.gate: dict[str, Any] | None = None
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    def scored(self, name: str, per_set: dict[str, Scored]) -> None:
+        boot = self.cfg.eval.bootstrap
+        self.per_example[name] = per_set
+        for set_name, scored in per_set.items():
+            self.metrics.extend(
+                nll_metrics(
+                    name,
+                    set_name,
+                    scored["nll_sum"],
+                    scored["n_tokens"],
+                    int(boot.n),
+                    int(boot.seed),
+                    float(boot.alpha),
+                )
+            )
+
+    def timed(self, group: str, stage: str, started: float) -> None:
+        self.seconds.setdefault(group, {})[stage] = round(time.perf_counter() - started, 2)
 
 
 def evaluate(
@@ -301,59 +164,76 @@ def evaluate(
     """The head-to-head comparison: every system in ``cfg.eval.systems`` on every set."""
     seed_everything(int(cfg.seed), workers=True)
     started = time.perf_counter()
+    threads = set_threads(cfg.eval.cost.get("threads"))
     device = resolve_device(cfg.base_model.get("device", "auto"))
     experts = [str(d) for d in cfg.data.domains]
+    names = [str(n) for n in cfg.eval.systems]
+    check_names(names, experts)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
-    fingerprint = weights_fingerprint(base)
-    del base
+    materialize_weights(base)  # the CPU peak memory then counts the weights, as CUDA's does
+    shared = SharedBase(base, weights_fingerprint(base))
     adapters = {d: Path(experts_dir) / d for d in experts}
-    manifests = {d: verify_adapter(path, fingerprint) for d, path in adapters.items()}
+    manifests = {d: verify_adapter(path, shared.fingerprint) for d, path in adapters.items()}
     pad_id = int(tokenizer.pad_token_id)
     sets = build_eval_sets(cfg.data, cfg.eval, tokenizer, experts)
-    systems, choices = build_systems(cfg, adapters, fingerprint, router_dir, moelora_dir, xlora_dir)
-    boot = cfg.eval.bootstrap
-    per_example: dict[str, dict[str, Any]] = {}
-    metrics: list[dict[str, Any]] = []
-    memo: ChoiceMemo = {}
-    for name, system in tqdm(systems.items(), desc="systems"):
-        started_system = time.perf_counter()
-        per_example[name] = {}
-        for set_name, eval_set in sets.items():
-            scored = score_set(system, eval_set, int(cfg.eval.batch_size), pad_id, device, memo)
-            per_example[name][set_name] = scored
-            metrics.extend(
-                nll_metrics(
-                    name,
-                    set_name,
-                    scored["nll_sum"],
-                    scored["n_tokens"],
-                    int(boot.n),
-                    int(boot.seed),
-                    float(boot.alpha),
-                )
+    gen = cfg.eval.generation
+    generator = None
+    if gen.per_set and int(gen.per_set) > 0:
+        generator = Generator(
+            generation_sets(cfg.data, int(gen.per_set)),
+            tokenizer,
+            gen,
+            int(cfg.eval.batch_size),
+            device,
+        )
+    cost = cfg.eval.cost
+    prompts: tuple[torch.Tensor, list[Record]] | None = None
+    if cost.enabled:
+        prompts = cost_prompts(sets, int(cost.prompt_tokens), int(cost.batch_size), device)
+    run = _Run(cfg, sets)
+    # What the process holds before any system is built (the base model, data, tokenizer): the
+    # part of every absolute peak-memory figure that is not the system's own.
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else allocator_in_use()
+    choices: RouterChoices | None = None
+    for group in groups(names):
+        group_started = time.perf_counter()
+        if is_routed(group[0]):
+            if "router" in group or "router_soft" in group:
+                choices = RouterChoices(need(router_dir, "router folder", "router"), experts)
+                records = [r for s in sets.values() for r in s.records]
+                if generator is not None:
+                    records += [i.record for items in generator.sets.values() for i in items]
+                choices.prepare(records + (prompts[1] if prompts else []))
+            gate = None
+            if "moelora" in group:
+                gate = need(moelora_dir, "trained MoE-LoRA gate folder", "moelora")
+            _routed_group(
+                run, group, shared, adapters, gate, choices, generator, prompts, tokenizer,
+                pad_id, device,
+            )  # fmt: skip
+            if choices is not None:
+                choices.release()
+        else:
+            _peft_group(
+                run, group[0], shared, adapters, xlora_dir, generator, prompts, pad_id, device
             )
-        log.info("scored %s (%.0f s)", name, time.perf_counter() - started_system)
-    metrics.extend(gap_recovery_metrics(metrics))
-    generations: dict[str, Any] = {}
-    if cfg.eval.generation.per_set and int(cfg.eval.generation.per_set) > 0:
-        generation, generations = generation_metrics(systems, cfg, tokenizer, device)
-        metrics.extend(generation)
-    if cfg.eval.cost.enabled:
-        metrics.extend(cost_metrics(systems, sets, cfg, pad_id, device))
+        log.info("%s: done in %.0f s", "+".join(group), time.perf_counter() - group_started)
+    run.metrics.extend(gap_recovery_metrics(run.metrics))
+    order = {name: i for i, name in enumerate(names)}
+    run.metrics.sort(key=lambda m: order.get(m["system"], len(order)))
     routing: dict[str, Any] = {}
     if choices is not None:
         routing["router"] = routing_summary(choices, sets, experts)
-    moe = systems.get("moelora")
-    if isinstance(moe, ModelSystem):
-        routing["moelora"] = gate_summary(
-            moe, sets, int(cfg.eval.heatmap_examples), tokenizer, pad_id, device
-        )
+    if run.gate is not None:
+        routing["moelora"] = run.gate
+    boot = cfg.eval.bootstrap
     tests = {}
     for a, b in cfg.eval.paired_tests:
-        if a in per_example and b in per_example:
+        if a in run.per_example and b in run.per_example:
             tests[f"{a}_vs_{b}"] = paired_tests(
-                per_example, a, b, int(boot.n), int(boot.seed), float(boot.alpha)
+                run.per_example, a, b, int(boot.n), int(boot.seed), float(boot.alpha)
             )
+    peak_rss = process_peak_rss_bytes()
     return {
         "experiment": str(cfg.get("experiment_name") or cfg.get("task_name")),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -361,26 +241,122 @@ def evaluate(
         "versions": package_versions(),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        else f"cpu ({threads} threads)",
         "config": to_container(cfg),
-        "systems": list(systems),
+        "systems": names,
         "sets": list(sets),
         "n_examples": {name: len(s.records) for name, s in sets.items()},
         "metrics": [
             m
-            for m in metrics
+            for m in run.metrics
             if not (
                 isinstance(m["value"], float)
                 and math.isnan(m["value"])
                 and m["metric"] != "gap_recovery"
             )
         ],
-        "per_example": per_example,
+        "per_example": {n: run.per_example[n] for n in names if n in run.per_example},
         "paired_tests": tests,
         "routing": routing,
-        "generations": generations,
-        "base_fingerprint": fingerprint,
-        "artifacts": evaluated_artifacts(manifests, systems, choices, moelora_dir, xlora_dir),
-        "sandbox": isolation() if generations else None,
+        "generations": {n: run.generations[n] for n in names if n in run.generations},
+        "base_fingerprint": shared.fingerprint,
+        "artifacts": evaluated_artifacts(manifests, names, choices, moelora_dir, xlora_dir),
+        "sandbox": isolation() if generator is not None else None,
+        "measurement": {
+            **definition(device, int(cost.repeats), 1, threads),
+            "batch_size": int(cost.batch_size),
+            "prompt_tokens": int(cost.prompt_tokens),
+            "new_tokens": int(cost.new_tokens),
+            "allocated_before_systems_mb": None if before is None else round(before / 2**20, 1),
+        },
+        "seconds": run.seconds,
+        "peak_rss_mb": None if peak_rss is None else round(peak_rss / 2**20, 1),
         "elapsed_s": time.perf_counter() - started,
     }
+
+
+def _routed_group(
+    run: _Run,
+    names: Sequence[str],
+    shared: SharedBase,
+    adapters: Mapping[str, Path],
+    gate: Path | None,
+    choices: RouterChoices | None,
+    generator: Generator | None,
+    prompts: tuple[torch.Tensor, list[Record]] | None,
+    tokenizer: Any,
+    pad_id: int,
+    device: torch.device,
+) -> None:
+    """Every routed system on one MoE-LoRA model: score, generate, cost; then unload."""
+    cfg = run.cfg
+    systems = routed_systems(names, list(adapters), choices)
+    label = "routed"
+    with routed_model(shared, adapters, gate) as model:
+        started = time.perf_counter()
+        scorer = RoutedScorer(model, run.sets, int(cfg.eval.batch_size), pad_id, device)
+        scorer.fill(list(systems.values()))  # the single choices of every system, once
+        for name, system in systems.items():
+            recorder = None
+            if name == "moelora":
+                recorder = GateRecorder(model.slot_names, int(cfg.eval.heatmap_examples), tokenizer)
+            run.scored(name, scorer.score(system, recorder))
+            if recorder is not None:
+                run.gate = recorder.summary()
+        log.info("routed systems scored with %d forwards", scorer.forwards)
+        run.timed(label, "score", started)
+        if generator is not None:
+            started = time.perf_counter()
+            for name, system in systems.items():
+                run.generations[name] = generator.routed(model, system)
+                run.metrics.extend(generation_metrics(name, run.generations[name]))
+            run.timed(label, "generate", started)
+        if prompts is not None:
+            started = time.perf_counter()
+            ids, records = prompts
+            for name, system in systems.items():
+                values = measure_cost(
+                    served_routed(model, system, records),
+                    ids,
+                    records,
+                    int(cfg.eval.cost.new_tokens),
+                    int(cfg.eval.cost.repeats),
+                )
+                run.metrics.extend(cost_metrics(name, values))
+            run.timed(label, "cost", started)
+
+
+def _peft_group(
+    run: _Run,
+    name: str,
+    shared: SharedBase,
+    adapters: Mapping[str, Path],
+    xlora_dir: str | Path | None,
+    generator: Generator | None,
+    prompts: tuple[torch.Tensor, list[Record]] | None,
+    pad_id: int,
+    device: torch.device,
+) -> None:
+    """One PEFT system on the shared base: score, generate, cost; then unload."""
+    cfg = run.cfg
+    with peft_system(name, shared, cfg, adapters, xlora_dir) as system:
+        started = time.perf_counter()
+        run.scored(name, score_model(system, run.sets, int(cfg.eval.batch_size), pad_id, device))
+        run.timed(name, "score", started)
+        if generator is not None:
+            started = time.perf_counter()
+            run.generations[name] = generator.model(system)
+            run.metrics.extend(generation_metrics(name, run.generations[name]))
+            run.timed(name, "generate", started)
+        if prompts is not None:
+            started = time.perf_counter()
+            ids, records = prompts
+            values = measure_cost(
+                served_model(system),
+                ids,
+                records,
+                int(cfg.eval.cost.new_tokens),
+                int(cfg.eval.cost.repeats),
+            )
+            run.metrics.extend(cost_metrics(name, values))
+            run.timed(name, "cost", started)

@@ -17,21 +17,34 @@ def batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     """Summed NLL and count of target tokens per row.
 
     Args:
-        logits: [B, T, V] next-token logits.
+        logits: [B, K, V] next-token logits of the last K positions (K <= T; see
+            ``scored_positions``).
         labels: [B, T] token ids, ``IGNORE_INDEX`` where no loss is taken.
     Returns:
         (nll_sum [B], n_tokens [B]), both float32 / int64 on the logits' device.
     """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    mask = shift_labels != IGNORE_INDEX
-    return (nll * mask).sum(dim=1), mask.sum(dim=1)
+    labels = labels[:, labels.shape[1] - logits.shape[1] :]  # [B, K], aligned with the logits
+    targets = labels[:, 1:]  # [B, K-1]: position k predicts token k+1
+    sums = torch.stack(
+        [  # one row at a time: the log-softmax temporaries are [K, V], not [B, K, V]
+            F.cross_entropy(
+                logits[b, :-1].float(), targets[b], ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            for b in range(logits.shape[0])
+        ]
+    )
+    return sums, (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def scored_positions(labels: torch.Tensor) -> int:
+    """How many last positions' logits ``batch_nll`` needs for ``labels`` [B, T]: from the one
+    before the first scored token of any row to the end (pass as ``logits_to_keep``)."""
+    scored = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]
+    rows = scored.any(dim=1)
+    if not bool(rows.any()):
+        return 1
+    first = int(scored.int().argmax(dim=1)[rows].min())  # predicted by position `first`
+    return labels.shape[1] - first
 
 
 @torch.no_grad()

@@ -38,7 +38,13 @@ from loralab.io_utils import atomic_write_json, atomic_write_text
 
 CSV_COLUMNS = ("system", "set", "metric", "value", "ci_low", "ci_high")
 GENERATION_METRICS = ("rougeL", "pass_rate")
-COST_METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb")
+COST_METRICS = (
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "ttft_ms",
+    "peak_memory_mb",
+    "weights_mb",
+)
 
 
 def validate_results(results: Mapping[str, Any]) -> None:
@@ -198,7 +204,29 @@ def _generation_and_cost_section(
         lines += _md_table(
             ["system", *(m for _, m in cost_cols)], _pivot(table, systems, cost_cols, digits=1)
         )
+        lines += _measurement_note(results.get("measurement"))
     return lines
+
+
+def _measurement_note(m: Mapping[str, Any] | None) -> list[str]:
+    """How the cost table was measured, from ``results['measurement']``."""
+    if not m:
+        return []
+    return [
+        f"Batch {m.get('batch_size')}, prompts of {m.get('prompt_tokens')} tokens, "
+        f"{m.get('new_tokens')} new tokens; time: {m.get('clock')}, {m.get('repeats')} timed "
+        f"calls after a warm-up, {m.get('threads')} torch thread(s); peak memory (absolute, "
+        f"weights included): {m.get('peak_memory')}; weights: {m.get('weights')}. Prefill: one "
+        "forward building the KV cache, last-position logits only; time to first token: one "
+        "request, routing included."
+        + (
+            f" Before any system was built the process held {m['allocated_before_systems_mb']} "
+            "MiB (base model, data, tokenizer): part of every peak-memory figure."
+            if m.get("allocated_before_systems_mb") is not None
+            else ""
+        ),
+        "",
+    ]
 
 
 def _routing_section(results: Mapping[str, Any]) -> list[str]:

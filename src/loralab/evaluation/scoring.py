@@ -1,0 +1,223 @@
+"""Per-example NLL of every system on every set, each forward run once.
+
+Routed systems share one MoE-LoRA model: the single choices (base, each expert) are scored once
+per example into a table (rows needing different choices go in one mixed batch), and the base,
+single-expert, oracle and router systems read their results from it; only weighted mixtures and
+the gate run forwards of their own. MoE-LoRA's gate statistics are recorded during its own
+scoring pass. Logits are computed only from the position before the batch's first scored token
+on (``logits_to_keep``) and the loss one row at a time, so a batch holds [B, K, V] logits and
+[K, V] temporaries, not the vocabulary over every prompt token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralab.evaluation.nll import batch_nll, scored_positions
+from loralab.evaluation.sets import EvalSet
+from loralab.evaluation.systems import (
+    ModelSystem,
+    RoutedSystem,
+    SingleChoice,
+    pending_rounds,
+    single_options,
+)
+
+Batch = dict[str, torch.Tensor]
+Scored = dict[str, list]  # {"nll_sum": [float], "n_tokens": [int]}, in the set's record order
+
+
+def select_rows(batch: Mapping[str, torch.Tensor], rows: Sequence[int]) -> Batch:
+    """Rows of a right-padded batch, cut to the longest of them."""
+    index = torch.as_tensor(list(rows), device=batch["input_ids"].device)
+    width = int(batch["attention_mask"].index_select(0, index).sum(1).max())
+    rows_of = {k: v.index_select(0, index) for k, v in batch.items()}
+    return {k: v[:, :width] if v.ndim == 2 else v for k, v in rows_of.items()}
+
+
+class GateRecorder:
+    """MoE-LoRA's applied weights on the response tokens of each set (mean over layers), and
+    per-token heatmaps of the first two-domain examples, from the scoring pass."""
+
+    def __init__(self, slots: Sequence[str], heatmap_examples: int, tokenizer: Any) -> None:
+        self.slots = list(slots)
+        self.heatmap_examples = heatmap_examples
+        self.tokenizer = tokenizer
+        self._total: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
+        self._heatmaps: dict[int, dict[str, Any]] = {}
+
+    def add(
+        self, eval_set: EvalSet, indices: Sequence[int], batch: Batch, weights: torch.Tensor
+    ) -> None:
+        """weights [L, B*T, S] of one recorded forward over ``batch`` (rows = ``indices``)."""
+        b, t = batch["input_ids"].shape
+        w = weights.float().mean(0).view(b, t, -1).cpu()  # [B, T, S]
+        mask = (batch["labels"] != -100).cpu()
+        total = self._total.setdefault(eval_set.name, torch.zeros(len(self.slots)))
+        total += w[mask].sum(0)
+        self._count[eval_set.name] = self._count.get(eval_set.name, 0) + int(mask.sum())
+        if eval_set.name != "two_domain":
+            return
+        for row, i in enumerate(indices):
+            if i < self.heatmap_examples:
+                example = eval_set.examples[i]
+                start = next(k for k, label in enumerate(example.labels) if label != -100)
+                self._heatmaps[i] = {
+                    "tokens": [self.tokenizer.decode([t]) for t in example.input_ids[start:]],
+                    "weights": w[row, start : len(example.input_ids)].tolist(),
+                    "domains": eval_set.records[i].domain.split("+"),
+                }
+
+    def summary(self) -> dict[str, Any]:
+        usage = {
+            name: {
+                s: float(v)
+                for s, v in zip(self.slots, total / max(1, self._count[name]), strict=True)
+            }
+            for name, total in self._total.items()
+        }
+        heatmaps = [self._heatmaps[i] for i in sorted(self._heatmaps)]
+        return {"experts": self.slots, "gate_usage": usage, "heatmaps": heatmaps}
+
+
+class RoutedScorer:
+    """Scores routed systems on the shared MoE-LoRA ``model`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        sets: Mapping[str, EvalSet],
+        batch_size: int,
+        pad_id: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.sets = sets
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.device = device
+        # (set, example index, single choice) -> (summed NLL, target tokens)
+        self.table: dict[tuple[str, int, SingleChoice], tuple[float, int]] = {}
+        self.forwards = 0
+
+    def _batches(self, eval_set: EvalSet) -> Any:
+        return eval_set.batches(self.batch_size, self.pad_id, self.device)
+
+    def _forward(self, batch: Batch, choices: Sequence[Any], recording: bool = False) -> Any:
+        from moelora import RowRouting
+
+        routing = RowRouting.from_choices(choices, self.model.expert_names, self.device)
+        self.forwards += 1
+        with torch.no_grad():
+            out = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                row_routing=routing,
+                use_cache=False,
+                logits_to_keep=scored_positions(batch["labels"]),
+            )
+        return out.logits, (self.model.gate_trace().weights if recording else None)
+
+    def fill(self, systems: Sequence[RoutedSystem]) -> None:
+        """Score, once per example, every single choice any of ``systems`` reads."""
+        for eval_set in self.sets.values():
+            wanted: list[list[SingleChoice]] = [[] for _ in eval_set.records]
+            for system in systems:
+                for i, record in enumerate(eval_set.records):
+                    for option in single_options(system.choose(record)) or ():
+                        if option not in wanted[i]:
+                            wanted[i].append(option)
+            for idx, batch, _ in self._batches(eval_set):
+                needs = [
+                    [o for o in wanted[i] if (eval_set.name, i, o) not in self.table] for i in idx
+                ]
+                for rows, options in pending_rounds(needs):
+                    sub = select_rows(batch, rows)
+                    logits, _ = self._forward(sub, options)
+                    sums, counts = batch_nll(logits, sub["labels"])
+                    for row, option, s, c in zip(rows, options, sums, counts, strict=True):
+                        self.table[(eval_set.name, idx[row], option)] = (float(s), int(c))
+
+    def score(
+        self, system: RoutedSystem, recorder: GateRecorder | None = None
+    ) -> dict[str, Scored]:
+        """Per-example NLL of ``system`` on every set: single choices from the table (best-of:
+        the lowest), the other rows (mixtures, the gate) in one forward per batch. Gate rows are
+        recorded into ``recorder`` when given."""
+        from moelora import GATE
+
+        self.fill([system])
+        out: dict[str, Scored] = {}
+        for eval_set in self.sets.values():
+            n = len(eval_set.records)
+            sums, counts = np.zeros(n), np.zeros(n, dtype=np.int64)
+            choices = [system.choose(r) for r in eval_set.records]
+            for idx, batch, _ in self._batches(eval_set):
+                own = []
+                for row, i in enumerate(idx):
+                    options = single_options(choices[i])
+                    if options is None:
+                        own.append(row)
+                        continue
+                    best = min((self.table[(eval_set.name, i, o)] for o in options), key=_nll)
+                    sums[i], counts[i] = best
+                if not own:
+                    continue
+                sub = select_rows(batch, own)
+                row_choices = [choices[idx[row]] for row in own]
+                gated = [k for k, c in enumerate(row_choices) if c is GATE]
+                record = recorder is not None and bool(gated)
+                if record:
+                    with self.model.recording():
+                        logits, weights = self._forward(sub, row_choices, recording=True)
+                else:
+                    logits, weights = self._forward(sub, row_choices)
+                s, c = batch_nll(logits, sub["labels"])
+                for k, row in enumerate(own):
+                    sums[idx[row]], counts[idx[row]] = float(s[k]), int(c[k])
+                if record and recorder is not None:
+                    rows = torch.as_tensor(gated)
+                    t = sub["input_ids"].shape[1]
+                    per_row = weights.view(weights.shape[0], len(own), t, -1)[:, rows]
+                    recorder.add(
+                        eval_set,
+                        [idx[own[k]] for k in gated],
+                        {k: v.index_select(0, rows) for k, v in sub.items()},
+                        per_row.reshape(weights.shape[0], -1, weights.shape[-1]),
+                    )
+            out[eval_set.name] = {"nll_sum": sums.tolist(), "n_tokens": counts.tolist()}
+        return out
+
+
+def _nll(result: tuple[float, int]) -> float:
+    return result[0]
+
+
+@torch.no_grad()
+def score_model(
+    system: ModelSystem,
+    sets: Mapping[str, EvalSet],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, Scored]:
+    """Per-example NLL of a PEFT system (one forward per batch) on every set."""
+    out: dict[str, Scored] = {}
+    for eval_set in sets.values():
+        n = len(eval_set.records)
+        sums, counts = np.zeros(n), np.zeros(n, dtype=np.int64)
+        for idx, batch, _ in eval_set.batches(batch_size, pad_id, device):
+            logits = system.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                logits_to_keep=scored_positions(batch["labels"]),
+            ).logits
+            s, c = batch_nll(logits, batch["labels"])
+            sums[idx], counts[idx] = s.float().cpu().numpy(), c.cpu().numpy()
+        out[eval_set.name] = {"nll_sum": sums.tolist(), "n_tokens": counts.tolist()}
+    return out
