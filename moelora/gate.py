@@ -25,6 +25,7 @@ class Gate(nn.Module):
         self.in_features = in_features
         self.num_slots = num_slots
         self.normalize_input = config.normalize_input
+        self.scale = in_features**0.5  # W (x / rms(x)) = (W x) * sqrt(in) / ||x||
         mlp = config.kind == "mlp"
         self.proj = nn.Linear(in_features, config.hidden_size if mlp else num_slots)
         self.head = (
@@ -36,16 +37,29 @@ class Gate(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.proj
+        weight = proj.weight
         # The gate may be kept in float32 over a bfloat16 model; run it in its own dtype.
-        x = x.to(self.proj.weight.dtype)
-        if self.normalize_input:
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)
-            hidden = torch.addcdiv(
-                self.proj.bias, F.linear(x, self.proj.weight), norm, value=self.in_features**0.5
-            )
+        if x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        if weight.shape[0] < 16 and x.ndim == 2:
+            # A few slots: (W xᵀ)ᵀ is ~1.5x faster on CPU than x Wᵀ, whose N (= S) is too thin
+            # for the GEMM kernels (measured at 128 x 576 tokens: 14 vs 22 us).
+            projected = torch.mm(weight, x.t()).t()  # [T, S]
         else:
-            hidden = self.proj(x)
+            projected = F.linear(x, weight)  # [T, P]
+        if self.normalize_input:
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)  # [T, 1]
+            hidden = torch.addcdiv(proj.bias, projected, norm, value=self.scale)
+        else:
+            hidden = projected + proj.bias
         return hidden if self.head is None else self.head(hidden)
+
+    def slot_parameter_names(self) -> tuple[str, str]:
+        """The state-dict names of the weight [S, ·] and bias [S] whose rows are the slots."""
+        return (
+            ("proj.weight", "proj.bias") if self.head is None else ("head.1.weight", "head.1.bias")
+        )
 
 
 @dataclass
@@ -64,13 +78,24 @@ class Routing:
     top_weight: torch.Tensor | None
 
 
-def route(logits: torch.Tensor, config: GateConfig, training: bool) -> Routing:
-    """Turn gate logits [T, S] into routing weights (float32)."""
-    noisy = logits.float()
+def route(
+    logits: torch.Tensor,
+    config: GateConfig,
+    training: bool,
+    bias: torch.Tensor | None = None,
+) -> Routing:
+    """Turn gate logits [..., S] into routing weights (float32).
+
+    bias (broadcastable to logits, e.g. [B, 1, S] over [B, T, S]) is added after the temperature:
+    a per-row prior in log space, probs ∝ exp(bias) · softmax(logits / T).
+    """
+    noisy = logits if logits.dtype == torch.float32 else logits.float()
     if training and config.noise_std > 0:
         noisy = noisy + torch.randn_like(noisy) * config.noise_std
     if config.temperature != 1.0:
         noisy = noisy / config.temperature
+    if bias is not None:
+        noisy = noisy + bias
     probs = torch.softmax(noisy, dim=-1)
     if config.top_k is None:
         return Routing(logits, probs, probs, None, None)
@@ -79,10 +104,3 @@ def route(logits: torch.Tensor, config: GateConfig, training: bool) -> Routing:
     top_weight = top_weight / top_weight.sum(-1, keepdim=True)
     weights = torch.zeros_like(probs).scatter(-1, top_index, top_weight)
     return Routing(logits, probs, weights, top_index, top_weight)
-
-
-def fixed_routing(weights: torch.Tensor, num_tokens: int, logits_dtype: torch.dtype) -> Routing:
-    """Routing that applies the same slot weights [S] to every token (for ablations and tests)."""
-    expanded = weights.float().expand(num_tokens, -1)
-    logits = torch.zeros(expanded.shape, dtype=logits_dtype, device=weights.device)
-    return Routing(logits, expanded, expanded, None, None)

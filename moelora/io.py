@@ -1,8 +1,10 @@
 """Save / load only the gate: ``gate.safetensors`` plus ``moelora.json`` naming the experts.
 
-moelora.json records the config, the experts (name, domain, folder, sha256 of their
+moelora.json records the config, the gate's experts (name, domain, folder, sha256 of their
 adapter_model.safetensors), the wrapped module paths and the sha256 of gate.safetensors. Loading
-refuses a gate whose experts, config, modules or weights file differ from what was saved.
+refuses a gate whose experts, config, modules or weights file differ from what was saved, except
+that ``allow_new_experts=True`` warm-starts a gate over more experts: the saved experts' slots are
+copied, the new experts' slots keep a fresh gate's initialisation.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
@@ -38,7 +41,7 @@ def gate_metadata(model: MoELoraModel) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "config": model.config.to_dict(),
-        "experts": [e.to_dict() for e in model.experts],
+        "experts": [e.to_dict() for e in model.gate_experts],
         "modules": [path for path, _ in model.moe_layers()],
     }
 
@@ -84,18 +87,31 @@ def read_gate_metadata(directory: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_gate(model: MoELoraModel, directory: str | Path) -> None:
-    """Load a saved gate into a model built from the same experts, config and base modules."""
+def load_gate(model: MoELoraModel, directory: str | Path, allow_new_experts: bool = False) -> None:
+    """Load a saved gate into a model built from the same experts, config and base modules.
+
+    allow_new_experts: the model's gate may mix more experts than the saved gate (issue: a new
+    domain); every saved expert must still be there with the same adapter sha256. The saved
+    slots are copied by name, the new experts' slots keep their fresh initialisation.
+    """
     folder = Path(directory)
     saved = read_gate_metadata(folder)
     where = folder / GATE_CONFIG
     current = gate_metadata(model)
     saved_experts = [(e["name"], e["adapter_sha256"]) for e in saved["experts"]]
     model_experts = [(e["name"], e["adapter_sha256"]) for e in current["experts"]]
-    if saved_experts != model_experts:
+    grows = allow_new_experts and saved_experts != model_experts
+    if grows and not set(saved_experts) <= set(model_experts):
+        lost = sorted(set(saved_experts) - set(model_experts))
+        raise GateFileError(
+            f"{where}: gate was trained over experts {lost} (name, adapter sha256) that the "
+            f"model lacks; it has {model_experts}"
+        )
+    if not grows and saved_experts != model_experts:
         raise GateFileError(
             f"{where}: gate was trained over experts {saved_experts} (name, adapter sha256) but "
-            f"the model has {model_experts}; an adapter file changed or the experts differ"
+            f"the model has {model_experts}; an adapter file changed or the experts differ "
+            "(allow_new_experts=True warm-starts a gate over more experts)"
         )
     if MoELoraConfig.from_dict(saved["config"]).gate.structure() != model.config.gate.structure():
         raise GateFileError(
@@ -111,7 +127,36 @@ def load_gate(model: MoELoraModel, directory: str | Path) -> None:
     raw = weights.read_bytes()
     if hashlib.sha256(raw).hexdigest() != saved["gate_sha256"]:
         raise GateFileError(f"{weights}: sha256 differs from 'gate_sha256' in {where}")
-    model.load_gate_state_dict(load_safetensors(raw))
+    state = load_safetensors(raw)
+    if grows:
+        state = _grow(state, model, [name for name, _ in saved_experts], where)
+    model.load_gate_state_dict(state)
+
+
+def _grow(
+    saved: dict[str, torch.Tensor], model: MoELoraModel, saved_names: list[str], where: Path
+) -> dict[str, torch.Tensor]:
+    """The model's fresh gate state with the saved experts' slot rows (and "none") copied in."""
+    null = ["none"] if model.config.gate.null_expert else []
+    target = {name: i for i, name in enumerate(model.gate_slot_names)}
+    rows = torch.tensor([target[name] for name in saved_names + null])  # saved slot -> model slot
+    state = {key: value.clone() for key, value in model.gate_state_dict().items()}
+    for key, gate in model.gates().items():
+        slot_keys = {f"{key}.{name}" for name in gate.slot_parameter_names()}
+        for name in gate.state_dict():
+            full = f"{key}.{name}"
+            if full not in saved:
+                raise GateFileError(f"{where}: gate weight '{full}' missing from {GATE_WEIGHTS}")
+            if full in slot_keys:
+                state[full][rows] = saved[full].to(state[full].dtype)
+            elif saved[full].shape == state[full].shape:
+                state[full] = saved[full]
+            else:
+                raise GateFileError(
+                    f"{where}: gate weight '{full}' has shape {tuple(saved[full].shape)}, "
+                    f"expected {tuple(state[full].shape)}"
+                )
+    return state
 
 
 def load_moelora(
@@ -120,12 +165,15 @@ def load_moelora(
     experts: Mapping[str, str | Path] | None = None,
     expected_base_fingerprint: str | None = None,
     compute_path: ComputePath | None = None,
+    allow_new_experts: bool = False,
 ) -> MoELoraModel:
     """Rebuild a MoE-LoRA model from a saved gate folder.
 
     The experts are read from the folders recorded at save time unless ``experts`` overrides them
     (same names, same order); their files must still hash to the recorded sha256. compute_path
-    overrides the saved one (the gate does not depend on it).
+    overrides the saved one (the gate does not depend on it). allow_new_experts: ``experts`` may
+    add experts the gate was not trained over; the gate grows a fresh slot for each (warm start
+    for retraining it, see load_gate).
     """
     saved = read_gate_metadata(directory)
     folders = experts or {e["name"]: e["directory"] for e in saved["experts"]}
@@ -133,5 +181,5 @@ def load_moelora(
     if compute_path is not None:
         config = replace(config, compute_path=compute_path)
     model = MoELoraModel.from_adapters(base_model, folders, config, expected_base_fingerprint)
-    load_gate(model, directory)
+    load_gate(model, directory, allow_new_experts)
     return model

@@ -85,6 +85,9 @@ def test_experts_for_a_different_architecture_are_refused(
     )
     with pytest.raises(ExpertError, match=r"base layer maps 64->"):
         MoELoraModel.from_adapters(wider, expert_dirs)
+    # refused before anything was touched
+    assert all(type(m).__name__ != "MoELoraLinear" for m in wider.modules())
+    assert all(p.requires_grad for p in wider.parameters())
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from moelora import GateConfig, MoELoraConfig, MoELoraModel
+from moelora import GATE, GateConfig, MoELoraConfig, MoELoraModel, RowRouting
 
 pytestmark = pytest.mark.gpu
 BaseFactory = Callable[[], torch.nn.Module]
@@ -115,3 +115,25 @@ def test_bf16_mixed_gate_training_step_only_moves_the_gate(
     assert torch.isfinite(loss)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.gate_parameters())
+
+
+def test_mixed_row_routing_on_cuda_matches_cpu_and_the_base_row_is_exact(
+    base_factory: BaseFactory, expert_dirs: dict[str, Path]
+) -> None:
+    ids = torch.randint(1, 96, (4, 7), generator=torch.Generator().manual_seed(3))
+    config = MoELoraConfig(gate=GateConfig(init_std=0.5))
+    cpu = MoELoraModel.from_adapters(base_factory(), expert_dirs, config).eval()
+    gpu = build_on_cuda(base_factory, expert_dirs, torch.float32)
+    gpu.load_gate_state_dict(cpu.gate_state_dict())
+    mix = {"code": 0.5, "medical": 0.5}
+    routing = RowRouting.from_choices(["law", None, GATE, mix], cpu.expert_names)  # on CPU
+    with torch.no_grad():
+        expected = cpu(input_ids=ids, row_routing=routing).logits
+        got = gpu(input_ids=ids.cuda(), row_routing=routing).logits  # the model moves it
+        base = base_factory().cuda()(input_ids=ids.cuda()).logits
+        kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+        batched = gpu.generate(input_ids=ids.cuda(), row_routing=routing, **kwargs)
+        alone = gpu.generate(input_ids=ids[2:3].cuda(), row_routing=routing.select([2]), **kwargs)
+    assert relative_error(got.cpu(), expected) < 1e-4
+    assert torch.equal(got[1], base[1])
+    assert torch.equal(batched[2], alone[0])

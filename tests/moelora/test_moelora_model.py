@@ -80,8 +80,8 @@ def test_experts_with_different_ranks_are_stacked_with_exact_padding(
     a, b = code.weights[path]
     r, alpha, _ = expert_specs["code"]
     assert torch.equal(layer.lora_A[1, :r], a) and torch.all(layer.lora_A[1, r:] == 0)
-    torch.testing.assert_close(layer.lora_B[:, 1, :r], b * alpha / r)
-    assert torch.all(layer.lora_B[:, 1, r:] == 0)
+    torch.testing.assert_close(layer.lora_B[1, :r], (b * alpha / r).t())
+    assert torch.all(layer.lora_B[1, r:] == 0)
 
 
 @pytest.mark.parametrize("null_expert", [False, True])
@@ -187,4 +187,6 @@ def test_dense_model_traces_as_one_graph_and_compiles(build: Build, tokens: torc
 def test_fixed_gate_rejects_wrong_length(build: Build) -> None:
     moe = build()
     with pytest.raises(ValueError, match=r"need 3 slot weights"), moe.fixed_gate([1.0, 0.0]):
+        pass
+    with pytest.raises(ValueError, match=r"weight -1.0 for expert 1"), moe.fixed_gate([1, -1, 0]):
         pass
