@@ -55,6 +55,7 @@ class ServerSettings:
     max_queue: int = 256
     max_prefill_tokens: int = 2048
     allow_non_loopback: bool = False
+    num_threads: int | None = None  # torch intra-op threads (None: torch's default)
 
     def __post_init__(self) -> None:
         if self.host not in LOOPBACK and not self.allow_non_loopback:
@@ -134,24 +135,36 @@ def find_experts(experts_dir: Path) -> dict[str, Path]:
     return {p.parent.name: p.parent for p in sorted(experts_dir.glob("*/manifest.json"))}
 
 
+def ensure_run(cfg: DictConfig) -> Path:
+    """The run dir (absolute); the smoke run is trained first when it is missing and allowed
+    (``train_if_missing``; null: for ``experiment=smoke`` only). Raises naming the fix otherwise."""
+    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
+    experts_dir = run_paths(run_dir)["experts"]
+    train = cfg.get("train_if_missing")
+    if train is None:
+        train = cfg.get("experiment_name") == "smoke"
+    if not find_experts(experts_dir) and train:
+        train_smoke_run(run_dir)
+    if not find_experts(experts_dir):
+        raise FileNotFoundError(
+            f"{experts_dir}: no expert adapters (*/manifest.json). Run the main job first: "
+            f"`python scripts/run_pipeline.py` (or pass run_dir=<a pipeline run>)"
+        )
+    return run_dir
+
+
 def build_state(cfg: DictConfig) -> ServingState:
     """Load and verify everything ``cfg`` (conf/serve.yaml) names; raises naming what is missing."""
     from moelora import MoELoraConfig, MoELoraModel, load_moelora, read_expert, read_gate_metadata
 
     settings = ServerSettings.from_config(cfg.server)
-    run_dir = Path(str(cfg.run_dir)).expanduser()
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    run_dir = ensure_run(cfg)
     paths = run_paths(run_dir)
-    train = cfg.get("train_if_missing")
-    if train is None:
-        train = cfg.get("experiment_name") == "smoke"
-    if not find_experts(paths["experts"]) and train:
-        train_smoke_run(run_dir)
     experts = find_experts(paths["experts"])
-    if not experts:
-        raise FileNotFoundError(
-            f"{paths['experts']}: no expert adapters (*/manifest.json). Run the main job first: "
-            f"`python scripts/run_pipeline.py` (or pass run_dir=<a pipeline run>)"
-        )
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     fingerprint = weights_fingerprint(base)
     for folder in experts.values():
