@@ -21,6 +21,12 @@ FORWARDED = ("experiment", "base_model", "server.", "paths.", "train_if_missing"
 @hydra.main(config_path="../conf", config_name="bench_serve", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     run_dir = ensure_run(cfg)
+    if cfg.bench.engines:
+        from loralab.serving.bench_engines import compare_engines
+
+        engines = compare_engines(cfg)
+        print(json.dumps(engines), flush=True)
+        return float(engines[str(cfg.bench.engine_concurrency[-1])]["loralab_mixed_tokens_per_s"])
     overrides = [
         o for o in HydraConfig.get().overrides.task if o.lstrip("+~").startswith(FORWARDED)
     ]

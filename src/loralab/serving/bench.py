@@ -150,7 +150,7 @@ def run_load(
     errors = [s.error for s in samples if not s.ok]
     latencies = sorted(s.latency_s * 1000 for s in ok)
     ttfts = sorted(s.ttft_s * 1000 for s in ok if s.ttft_s is not None)
-    summary = {
+    summary: dict[str, Any] = {
         "requests": len(samples),
         "concurrency": concurrency,
         "errors": len(errors),
@@ -329,8 +329,11 @@ def _vllm_run(cfg: DictConfig, prompts: Sequence[str]) -> dict[str, Any]:
     from loralab.serving import vllm_cpu
 
     python = vllm_cpu.ensure_env()
-    settings = {"dtype": str(cfg.bench.vllm_dtype), "max_model_len": int(cfg.server.max_model_len)}
-    vcfg = vllm_cpu.config_for_run(str(cfg.run_dir), **settings)
+    vcfg = vllm_cpu.config_for_run(
+        str(cfg.run_dir),
+        dtype=str(cfg.bench.vllm_dtype),
+        max_model_len=int(cfg.server.max_model_len),
+    )
     with vllm_cpu.start_server(vcfg, python) as server:
         bodies = _vllm_mix(cfg, prompts)
         run_load(

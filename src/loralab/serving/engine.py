@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loralab.serving.decoding import Sampler, SamplingParams, TextStream
+from loralab.serving.gate_weights import block_average, gate_payload
 from loralab.serving.kv import BatchKV, left_pad
 from moelora import MoELoraModel, RowRouting
 
@@ -128,7 +129,7 @@ class BatchEngine:
         self.eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
         pad: Any = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self._block_mix = _block_average(model)  # [blocks, moe layers]
+        self._block_mix = block_average(model)  # [blocks, moe layers]
         # transformers 5 names the KV cache argument `cache` (`past_key_values` is deprecated).
         forward = inspect.signature(base.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
@@ -334,7 +335,7 @@ class BatchEngine:
                 text, stopped = ("", True) if eos else row.stream.push(token)
                 gate = None
                 if gates is not None and request.params.gate_weights:
-                    gate = _gate_payload(gates[i])
+                    gate = gate_payload(gates[i])
                 _send(request, TokenEvent(token, text, gate))
                 at_limit = row.generated >= request.params.max_tokens
                 full = (
@@ -390,28 +391,3 @@ def _send(request: EngineRequest, event: Event) -> None:
         log.exception("request %s: delivering %s failed", request.request_id, type(event).__name__)
         if not isinstance(event, ErrorEvent):
             raise
-
-
-def _gate_payload(weights: torch.Tensor) -> dict[str, Any]:
-    """weights [blocks, S] -> {"layers": [[w per slot] per block], "mean": [w per slot]}."""
-    return {
-        "layers": [[round(float(w), 4) for w in block] for block in weights],
-        "mean": [round(float(w), 4) for w in weights.mean(dim=0)],
-    }
-
-
-def _block_average(model: MoELoraModel) -> torch.Tensor:
-    """[blocks, moe layers] averaging matrix: each decoder block's wrapped linears, in model order
-    (paths ``...layers.<i>....``; a model without numbered blocks is one block)."""
-    paths = [path for path, _ in model.moe_layers()]
-    keys: list[str] = []
-    for path in paths:
-        parts = path.split(".")
-        number = next((p for p in parts if p.isdigit()), "")
-        if number not in keys:
-            keys.append(number)
-    mix = torch.zeros(len(keys), len(paths))
-    for column, path in enumerate(paths):
-        number = next((p for p in path.split(".") if p.isdigit()), "")
-        mix[keys.index(number), column] = 1.0
-    return mix / mix.sum(dim=1, keepdim=True)

@@ -153,22 +153,13 @@ def ensure_run(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def build_state(cfg: DictConfig) -> ServingState:
-    """Load and verify everything ``cfg`` (conf/serve.yaml) names; raises naming what is missing."""
+def build_model(base: Any, run_dir: Path, fingerprint: str) -> tuple[Any, bool]:
+    """The base wrapped once by MoELoraModel with every expert of the run resident: the trained
+    gate's experts first (in its order), then the others; (model, whether a trained gate is in)."""
     from moelora import MoELoraConfig, MoELoraModel, load_moelora, read_expert, read_gate_metadata
 
-    settings = ServerSettings.from_config(cfg.server)
-    if settings.num_threads:
-        import torch
-
-        torch.set_num_threads(settings.num_threads)
-    run_dir = ensure_run(cfg)
     paths = run_paths(run_dir)
     experts = find_experts(paths["experts"])
-    base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
-    fingerprint = weights_fingerprint(base)
-    for folder in experts.values():
-        verify_adapter(folder, fingerprint)  # weights + config sha256, base fingerprint
     gate_dir = paths["moelora"]
     has_gate = (gate_dir / "moelora.json").is_file()
     if has_gate:
@@ -184,6 +175,25 @@ def build_state(cfg: DictConfig) -> ServingState:
     else:
         log.warning("%s: no trained gate; model=moe is not served", gate_dir)
         model = MoELoraModel.from_adapters(base, experts, MoELoraConfig(), fingerprint)
+    return model, has_gate
+
+
+def build_state(cfg: DictConfig) -> ServingState:
+    """Load and verify everything ``cfg`` (conf/serve.yaml) names; raises naming what is missing."""
+
+    settings = ServerSettings.from_config(cfg.server)
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    run_dir = ensure_run(cfg)
+    paths = run_paths(run_dir)
+    experts = find_experts(paths["experts"])
+    base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
+    fingerprint = weights_fingerprint(base)
+    for folder in experts.values():
+        verify_adapter(folder, fingerprint)  # weights + config sha256, base fingerprint
+    model, has_gate = build_model(base, run_dir, fingerprint)
     model.eval()
     metrics = ServerMetrics()
     engine = BatchEngine(model, tokenizer, settings.engine_config(), metrics.observe_step)
