@@ -20,6 +20,7 @@ FORWARDED = ("experiment", "base_model", "server.", "paths.", "train_if_missing"
 
 @hydra.main(config_path="../conf", config_name="bench_serve", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     run_dir = ensure_run(cfg)
     if cfg.bench.engines:
         from loralab.serving.bench_engines import compare_engines
