@@ -30,11 +30,20 @@ from router.targets import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from router.client import MissingAdapterError, RoutedClient
+    from router.client import (
+        AsyncRoutedClient,
+        ClientError,
+        MissingAdapterError,
+        RoutedClient,
+        ServerError,
+        ServerUnavailableError,
+    )
     from router.encoders import Encoder
 
 __all__ = [
     "AdapterMap",
+    "AsyncRoutedClient",
+    "ClientError",
     "Decision",
     "EncoderMismatchError",
     "EncoderSpec",
@@ -45,7 +54,9 @@ __all__ = [
     "RoutedClient",
     "Router",
     "RouterFileError",
+    "ServerError",
     "ServerRequest",
+    "ServerUnavailableError",
     "Thresholds",
     "UnknownAdapterError",
     "build_encoder",
@@ -60,8 +71,18 @@ def load(path: str | Path, encoder: Encoder | None = None) -> Router:
     return Router.load(path, encoder)
 
 
+_CLIENT_NAMES = (
+    "AsyncRoutedClient",
+    "ClientError",
+    "MissingAdapterError",
+    "RoutedClient",
+    "ServerError",
+    "ServerUnavailableError",
+)
+
+
 def __getattr__(name: str) -> Any:  # the client pulls in httpx: import it on first use only
-    if name in ("RoutedClient", "MissingAdapterError"):
+    if name in _CLIENT_NAMES:
         from router import client
 
         return getattr(client, name)

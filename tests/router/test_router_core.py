@@ -203,3 +203,14 @@ def test_import_router_is_light() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_client_names_load_on_first_use_from_the_client_module() -> None:
+    import router
+    from router import client
+
+    for name in router._CLIENT_NAMES:
+        assert getattr(router, name) is getattr(client, name)
+    assert issubclass(router.ServerUnavailableError, router.ClientError)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        router.Nope  # noqa: B018
