@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 
-from router import HashingEncoder, InputPolicy, Router
-from router.fitting import FitConfig, fit_router
+from router import HashingEncoder, Router
 from tests.conftest import compose
-from tests.router.tests_router_helpers import DESCRIPTIONS, LABELS, toy_split
+from tests.router.tests_router_helpers import fit_toy_router
 
 TINY_FOR_VLLM = [
     "experiment=smoke",
@@ -77,18 +76,4 @@ def vllm_server(vllm_python: Path, served_run: dict[str, Any]) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def toy_router() -> Router:
     """The router tests' toy router (hashing encoder): routes QUESTIONS[label] to label."""
-    encoder = HashingEncoder()
-    x_train, y_train = toy_split(encoder, 60, seed=0)
-    x_val, y_val = toy_split(encoder, 20, seed=1)
-    cfg = FitConfig(c=10.0, prior_weight=0.5, prototypes_per_label=8, max_risk=0.05)
-    return fit_router(
-        encoder,
-        LABELS,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        descriptions=DESCRIPTIONS,
-        policy=InputPolicy(),
-        config=cfg,
-    )
+    return fit_toy_router(HashingEncoder(), max_risk=0.05)

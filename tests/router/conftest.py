@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tests_router_helpers import DESCRIPTIONS, LABELS, toy_split
+from tests_router_helpers import fit_toy_router
 
-from router import HashingEncoder, InputPolicy, Router
-from router.fitting import FitConfig, fit_router
+from router import HashingEncoder, Router
 
 
 @pytest.fixture(scope="session")
@@ -16,17 +15,4 @@ def hashing_encoder() -> HashingEncoder:
 
 @pytest.fixture(scope="session")
 def toy_router(hashing_encoder: HashingEncoder) -> Router:
-    x_train, y_train = toy_split(hashing_encoder, 60, seed=0)
-    x_val, y_val = toy_split(hashing_encoder, 20, seed=1)
-    cfg = FitConfig(c=10.0, prior_weight=0.5, prototypes_per_label=8, max_risk=0.05)
-    return fit_router(
-        hashing_encoder,
-        LABELS,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        descriptions=DESCRIPTIONS,
-        policy=InputPolicy(),
-        config=cfg,
-    )
+    return fit_toy_router(hashing_encoder, max_risk=0.05)

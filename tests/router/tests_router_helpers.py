@@ -6,11 +6,13 @@ Importable from the tests because pytest puts this folder on ``sys.path``.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 
-from router import HashingEncoder, Router
+from router import HashingEncoder, InputPolicy, Router
 from router.classifier import LinearHead
+from router.fitting import FitConfig, fit_router
 
 LABELS = ("law", "code", "medical", "base")
 VOCAB = {
@@ -101,6 +103,25 @@ def toy_split(
         texts += toy_texts(label, n_per_label, seed)
         y += [k] * n_per_label
     return encoder.encode(texts), np.asarray(y)
+
+
+def fit_toy_router(encoder: HashingEncoder, **config: Any) -> Router:
+    """A router fitted on the toy corpus (60 texts per label, 20 for validation): routes
+    ``QUESTIONS[label]`` to ``label``. ``config``: ``FitConfig`` fields over the tests' defaults."""
+    x_train, y_train = toy_split(encoder, 60, seed=0)
+    x_val, y_val = toy_split(encoder, 20, seed=1)
+    fit = {"c": 10.0, "prior_weight": 0.5, "prototypes_per_label": 8, **config}
+    return fit_router(
+        encoder,
+        LABELS,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        descriptions=DESCRIPTIONS,
+        policy=InputPolicy(),
+        config=FitConfig(**fit),
+    )
 
 
 def router_with_probs(probs: np.ndarray, labels: tuple[str, ...] = LABELS) -> Router:

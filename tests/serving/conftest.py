@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import compose
-from tests.router.tests_router_helpers import DESCRIPTIONS, LABELS, toy_split
+from tests.router.tests_router_helpers import fit_toy_router
 
 EXPERTS = ("law", "code", "medical")
 LIMITS = ["server.max_model_len=256", "server.max_tokens=128", "server.default_max_tokens=16"]
@@ -32,8 +32,7 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from loralab.base_model import load_base_model, weights_fingerprint
     from loralab.training.random_experts import make_random_experts
     from moelora import MoELoraModel, save_gate
-    from router import HashingEncoder, InputPolicy
-    from router.fitting import FitConfig, fit_router
+    from router import HashingEncoder
 
     run = tmp_path_factory.mktemp("served_run")
     cfg = serve_config(run, run / "cfg")
@@ -45,19 +44,7 @@ def served_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with MoELoraModel.from_adapters(base, adapters) as model:
         save_gate(model, run / "moelora" / "moelora")
     encoder = HashingEncoder()
-    x_train, y_train = toy_split(encoder, 60, seed=0)
-    x_val, y_val = toy_split(encoder, 20, seed=1)
-    toy = fit_router(
-        encoder,
-        LABELS,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        descriptions=DESCRIPTIONS,
-        policy=InputPolicy(),
-        config=FitConfig(c=10.0, prior_weight=0.5, prototypes_per_label=8),
-    )
+    toy = fit_toy_router(encoder)
     toy.save(run / "router" / "router")
     return {"dir": run, "adapters": adapters, "fingerprint": fingerprint, "cfg": cfg}
 
