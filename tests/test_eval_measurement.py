@@ -15,6 +15,8 @@ from loralab.measurement import (
     allocator_in_use,
     definition,
     materialize_weights,
+    process_peak_rss_bytes,
+    reset_peak_rss,
     set_threads,
     time_calls,
     weights_bytes,
@@ -58,6 +60,18 @@ def test_peak_memory_is_absolute_and_counts_what_lives_before_and_inside_the_blo
     assert transient.peak_bytes - holding.peak_bytes == pytest.approx(48 * MIB, rel=0.1)
     assert transient.mib == round(transient.peak_bytes / MIB, 1)
     del held
+
+
+@pytest.mark.skipif(process_peak_rss_bytes() is None, reason="needs Linux /proc")
+def test_reset_peak_rss_forgets_a_peak_that_is_gone():
+    big = torch.ones(300 * MIB // 4)  # 300 MiB touched, then freed (mmap'd: returned to the OS)
+    with_big = process_peak_rss_bytes()
+    del big
+    if not reset_peak_rss():
+        pytest.skip("the kernel refuses clear_refs here")
+    after = process_peak_rss_bytes()
+    assert with_big is not None and after is not None
+    assert with_big - after > 250 * MIB
 
 
 def test_weights_bytes_counts_each_storage_once():

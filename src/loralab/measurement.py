@@ -197,8 +197,20 @@ def materialize_weights(module: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's resident-set high-water mark from its current RSS (Linux
+    ``clear_refs`` 5), so that a later stage of one process reports its own peak; False where the
+    kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def process_peak_rss_bytes() -> int | None:
-    """This process's resident-set high-water mark (Linux VmHWM), or None elsewhere."""
+    """This process's resident-set high-water mark (Linux VmHWM, since the last
+    ``reset_peak_rss``), or None elsewhere."""
     status = Path("/proc/self/status")
     if not status.is_file():
         return None

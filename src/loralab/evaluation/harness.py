@@ -54,6 +54,7 @@ from loralab.measurement import (
     definition,
     materialize_weights,
     process_peak_rss_bytes,
+    reset_peak_rss,
     set_threads,
 )
 from loralab.provenance import git_commit, package_versions
@@ -164,6 +165,7 @@ def evaluate(
     """The head-to-head comparison: every system in ``cfg.eval.systems`` on every set."""
     seed_everything(int(cfg.seed), workers=True)
     started = time.perf_counter()
+    rss_reset = reset_peak_rss()  # the evaluation's own peak, not the training stages' before it
     threads = set_threads(cfg.eval.cost.get("threads"))
     device = resolve_device(cfg.base_model.get("device", "auto"))
     experts = [str(d) for d in cfg.data.domains]
@@ -271,6 +273,7 @@ def evaluate(
         },
         "seconds": run.seconds,
         "peak_rss_mb": None if peak_rss is None else round(peak_rss / 2**20, 1),
+        "peak_rss_since": "evaluation start" if rss_reset else "process start",
         "elapsed_s": time.perf_counter() - started,
     }
 
