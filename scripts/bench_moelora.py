@@ -48,7 +48,7 @@ from loralab.training.random_experts import make_random_experts
 from moelora import GateConfig, MoELoraConfig, MoELoraModel, load_gate, read_gate_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-DOMAINS = ("law", "code", "medical")
+DOMAINS = tuple(str(d) for d in OmegaConf.load(ROOT / "conf/data/default.yaml").domains)
 METHODS = (
     "base",
     "peft_merged",
@@ -63,7 +63,11 @@ TRAINABLE = ("moelora_dense", "moelora_topk", "xlora")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--experts-dir", type=Path, help="folder with law/ code/ medical/ adapters")
+    p.add_argument(
+        "--experts-dir",
+        type=Path,
+        help="folder with one adapter per domain of conf/data/default.yaml",
+    )
     p.add_argument("--random-experts", action="store_true", help="random PEFT experts on the base")
     p.add_argument("--gate-dir", type=Path, help="a trained gate (<run>/moelora) for MoE-LoRA")
     p.add_argument("--base-model", default="smollm2_135m", help="conf/base_model/<name>.yaml")

@@ -24,6 +24,8 @@ import os
 import platform
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 import loralab  # noqa: F401  (config resolvers)
 from loralab.data.records import default_data_root
 from loralab.routing.datasets import read_label_records, split_examples
@@ -32,12 +34,8 @@ from loralab.routing.exam_check import exam_items
 from router import Router
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = {
-    "law": "law.jsonl",
-    "code": "code.jsonl",
-    "medical": "medical.jsonl",
-    "general": "general.jsonl",
-}
+DATA = OmegaConf.load(ROOT / "conf/data/default.yaml")
+FILES = {str(k): str(v) for k, v in DATA.files.items()}
 
 
 def newest_router() -> Path:
@@ -75,7 +73,7 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     model_dir = args.model or newest_router()
     router = Router.load(model_dir)
-    records = read_label_records(default_data_root(), FILES)
+    records = read_label_records(default_data_root(), FILES, list(router.labels))
     test = split_examples(records, "test", 0.05, 0.05, max_per_label=args.n // 4 + 1)
     requests = [e.text for e in test][: args.n]
     exam = [i.text for i in exam_items()][: args.n]

@@ -1,5 +1,5 @@
 """Evaluate every system on every set and write the report:
-`python scripts/evaluate.py experts_dir=... router_dir=... moelora_dir=... xlora_dir=...`."""
+`python scripts/evaluate.py experts_dir=... router_dir=... moelora_dir=... moelora_prior_dir=... xlora_dir=...`."""
 
 import hydra
 from omegaconf import DictConfig

@@ -128,6 +128,7 @@ def make_results(n_examples: int = 40, seed: int = 0) -> dict:
             "new_tokens": 12,
             "allocated_before_systems_mb": 612.5,
         },
+        "domains": list(DOMAINS),
         "systems": list(SYSTEMS),
         "sets": list(SETS),
         "metrics": metrics,
@@ -418,23 +419,19 @@ def test_notebook_default_run_dir_is_newest_pipeline_run(tmp_path: Path) -> None
         namespace["find_run_dir"](env={}, start=tmp_path)
 
 
-def test_plot_domains_match_the_data_module() -> None:
-    # read records.py's DOMAINS without importing loralab.data (that imports lightning: seconds)
-    import ast
+def test_mean_domain_nll_averages_the_runs_own_domains(results: dict) -> None:
+    from loralab.evaluation.plots import mean_domain_nll
 
-    import loralab
-    from loralab.evaluation.plots import DOMAINS as PLOT_DOMAINS
-
-    tree = ast.parse((Path(loralab.__file__).parent / "data" / "records.py").read_text())
-    values = [
-        node.value
-        for node in tree.body
-        if isinstance(node, ast.AnnAssign | ast.Assign)
-        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-        if isinstance(target, ast.Name) and target.id == "DOMAINS"
-    ]
-    assert len(values) == 1
-    assert ast.literal_eval(values[0]) == PLOT_DOMAINS
+    table = {
+        (m["system"], m["set"]): m["value"] for m in results["metrics"] if m["metric"] == "nll"
+    }
+    four = {**results, "domains": ["law", "code"]}  # a run whose experts are law and code only
+    assert mean_domain_nll(four)["base"] == pytest.approx(
+        (table["base", "law"] + table["base", "code"]) / 2
+    )
+    legacy = {k: v for k, v in results.items() if k != "domains"}  # results before the key
+    legacy["config"] = {**results["config"], "data": {"domains": ["medical"]}}
+    assert mean_domain_nll(legacy)["base"] == pytest.approx(table["base", "medical"])
 
 
 COMMITTED_RUN = NOTEBOOK.parent / "results" / "quick_cpu"

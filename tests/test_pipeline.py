@@ -49,6 +49,8 @@ def test_pipeline_writes_every_output(smoke_run):
         "experts/adapters/law/manifest.json",
         "router/router",
         "moelora/moelora",
+        "moelora_prior/moelora",
+        "pipeline_steps.json",
         "xlora/xlora/xlora_classifier.safetensors",
         "xlora/xlora/manifest.json",
     ):
@@ -73,6 +75,16 @@ def test_results_name_the_exact_artifacts_evaluated(smoke_run):
     gate = smoke_run / "moelora/moelora"
     assert artifacts["moelora_gate"]["gate_sha256"] == file_sha256(gate / "gate.safetensors")
     assert artifacts["moelora_gate"]["gate_sha256"] == read_gate_metadata(gate)["gate_sha256"]
+    prior_gate = smoke_run / "moelora_prior/moelora"
+    assert artifacts["moelora_prior_gate"]["gate_sha256"] == file_sha256(
+        prior_gate / "gate.safetensors"
+    )
+    assert artifacts["moelora_prior_gate"] != artifacts["moelora_gate"]
+    # the prior gate's training records were routed once by the evaluated router, cached
+    priors = json.loads((smoke_run / "moelora_prior/router_priors.json").read_text())
+    assert priors["model_version"] == router_json["model_version"] and priors["probs"]
+    trained = json.loads((prior_gate / "training.json").read_text())["prior"]
+    assert trained["router_model_version"] == router_json["model_version"]
     classifier = smoke_run / "xlora/xlora/xlora_classifier.safetensors"
     assert artifacts["xlora_classifier"]["classifier_sha256"] == file_sha256(classifier)
 
@@ -97,6 +109,9 @@ def test_every_system_has_every_metric(smoke_run):
         "router",
         "router_soft",
         "moelora",
+        "moelora_prior",
+        "moelora_prior_infer",
+        "moelora_prior_nobias",
         "xlora",
         "arrow",
     ]
@@ -136,6 +151,10 @@ def test_every_system_has_every_metric(smoke_run):
     for weights in usage.values():
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-4)
     assert set(results["paired_tests"]["router_vs_moelora"]) == set(SETS)
+    assert set(results["paired_tests"]["router_vs_moelora_prior"]) == set(SETS)
+    # the prior systems differ from one another and from MoE-LoRA (the prior and the gate count)
+    prior_rows = ["moelora", "moelora_prior", "moelora_prior_infer", "moelora_prior_nobias"]
+    assert len({nll[s, "two_domain"]["value"] for s in prior_rows}) == len(prior_rows)
     assert results["git_commit"] and results["versions"]["torch"]
     # one base model, measured as loralab.measurement defines it
     cost = {m["system"]: {} for m in results["metrics"] if m["set"] == "cost"}
@@ -210,8 +229,15 @@ def test_rerun_reuses_every_artifact(smoke_run):
         *(smoke_run / "xlora/xlora").iterdir(),
         *(smoke_run / "router/router").iterdir(),
         *(smoke_run / "moelora/moelora").iterdir(),
+        *(smoke_run / "moelora_prior/moelora").iterdir(),
     ]
     before = {p: p.stat().st_mtime_ns for p in artifacts}
-    proc = _run(smoke_run, "pipeline.stages=[experts,router,moelora,xlora]")
+    proc = _run(smoke_run, "pipeline.stages=[experts,router,moelora,moelora_prior,xlora]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in artifacts} == before
+    steps = json.loads((smoke_run / "pipeline_steps.json").read_text())["runs"][-1]["steps"]
+    assert (
+        steps["experts"]["reused"] == ["law", "code", "medical"] and not steps["experts"]["trained"]
+    )
+    for stage in ("router", "moelora", "moelora_prior", "xlora"):
+        assert steps[stage]["action"] == "reused", stage

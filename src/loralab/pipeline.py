@@ -2,21 +2,31 @@
 
 Each training stage is composed once from its own top-level config (the same one its script uses)
 with the pipeline's experiment and the user's overrides, and writes under ``<run dir>/<stage>/``;
-the artifact folders are defined once, in ``STAGE_ARTIFACTS``. A stage whose artifact is already complete there is reused (verified),
-unless it is listed in ``pipeline.retrain``.
+the artifact folders are defined once, in ``STAGE_ARTIFACTS``. A stage whose artifact is already
+complete there is reused (verified), unless it is listed in ``pipeline.retrain``.
+
+``data.domains`` decides the experts. A domain added to a finished run trains only its own expert
+(the others are verified and reused), refits the router (labels changed; cached embeddings, only
+the new label's texts are encoded) and grows the gate: the old experts' gate rows are loaded into
+a wider gate (``moelora.load_gate(..., allow_new_experts=True)``), then trained for
+``pipeline.grow_gate_steps``. What each step did and how long it took is appended to
+``<run dir>/pipeline_steps.json``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
+from loralab.data.records import router_labels
 from loralab.evaluation.harness import evaluate
-from loralab.io_utils import exclusive_run_dir
+from loralab.io_utils import atomic_write_json, exclusive_run_dir
 from loralab.training.xlora import XLORA_MANIFEST_FILE
 
 log = logging.getLogger(__name__)
@@ -25,6 +35,7 @@ STAGE_CONFIGS = {
     "experts": "train_experts",
     "router": "train_router",
     "moelora": "train_moelora",
+    "moelora_prior": "train_moelora",
     "xlora": "train_moelora",
 }
 STAGES = (*STAGE_CONFIGS, "evaluate")
@@ -34,10 +45,12 @@ STAGE_ARTIFACTS = {
     "experts": "experts/adapters",
     "router": "router/router",
     "moelora": "moelora/moelora",
+    "moelora_prior": "moelora_prior/moelora",
     "xlora": "xlora/xlora",
 }
 _PIPELINE_ONLY = ("experiment", "hydra", "pipeline", "eval", "experts_dir", "router_dir",
-                  "moelora_dir", "xlora_dir")  # fmt: skip
+                  "moelora_dir", "moelora_prior_dir", "xlora_dir")  # fmt: skip
+STEPS_FILE = "pipeline_steps.json"
 
 
 def override_key(override: str) -> str:
@@ -95,6 +108,48 @@ def run_pipeline(cfg: DictConfig, experiment: str, user_overrides: Sequence[str]
         return _run_pipeline(cfg, experiment, user_overrides)
 
 
+def saved_router_labels(router_dir: Path) -> list[str] | None:
+    """The labels of the router saved in ``router_dir`` (its router.json), None if there is none."""
+    path = router_dir / "router.json"
+    if not path.is_file():
+        return None
+    return [str(x) for x in json.loads(path.read_text(encoding="utf-8"))["labels"]]
+
+
+def saved_gate_experts(gate_dir: Path) -> list[str] | None:
+    """The expert names of the gate saved in ``gate_dir``, None if there is none."""
+    from moelora import read_gate_metadata
+
+    if not (gate_dir / "moelora.json").is_file():
+        return None
+    return [str(e["name"]) for e in read_gate_metadata(gate_dir)["experts"]]
+
+
+def saved_xlora_experts(xlora_dir: Path) -> list[str] | None:
+    path = xlora_dir / XLORA_MANIFEST_FILE
+    if not path.is_file():
+        return None
+    return [str(e["name"]) for e in json.loads(path.read_text(encoding="utf-8"))["experts"]]
+
+
+class _Steps:
+    """What each stage of this run did (trained / reused / refit / grown) and its seconds,
+    appended to ``<run dir>/pipeline_steps.json`` as the run goes (one entry per run)."""
+
+    def __init__(self, out: Path, domains: Sequence[str]) -> None:
+        self.path = out / STEPS_FILE
+        previous = json.loads(self.path.read_text()) if self.path.is_file() else {"runs": []}
+        self.runs: list[dict[str, Any]] = list(previous.get("runs", []))
+        self.current: dict[str, Any] = {"domains": list(domains), "steps": {}}
+        self.runs.append(self.current)
+
+    def record(self, stage: str, started: float, **facts: Any) -> None:
+        seconds = round(time.perf_counter() - started, 2)
+        self.current["steps"][stage] = {**facts, "seconds": seconds}
+        log.info("pipeline step %s: %s in %.1f s", stage, json.dumps(facts), seconds)
+        atomic_write_json(self.path, {"runs": self.runs})
+
+
 def _run_pipeline(
     cfg: DictConfig, experiment: str, user_overrides: Sequence[str]
 ) -> dict[str, Any]:
@@ -103,47 +158,110 @@ def _run_pipeline(
         raise ValueError(f"pipeline.stages: unknown {sorted(unknown)}; known: {list(STAGES)}")
     out = Path(cfg.paths.output_dir)
     dirs = artifact_dirs(out)
+    domains = [str(d) for d in cfg.data.domains]
+    labels = router_labels(domains)  # checks the names
+    steps = _Steps(out, domains)
     with open_dict(cfg):
         cfg.experts_dir, cfg.router_dir = str(dirs["experts"]), str(dirs["router"])
         cfg.moelora_dir, cfg.xlora_dir = str(dirs["moelora"]), str(dirs["xlora"])
+        cfg.moelora_prior_dir = str(dirs["moelora_prior"])
     stages = list(cfg.pipeline.stages)
     if "experts" in stages:
         from loralab.training.train_experts import train_experts
 
+        started = time.perf_counter()
         extra = ["expert.check=false", f"expert.retrain={str(_retrain(cfg, 'experts')).lower()}"]
         done = train_experts(
             compose_stage("train_experts", experiment, user_overrides, out / "experts", extra)
         )
         for path in done["adapters"].values():
             _same("experts", Path(path).parent, dirs["experts"])
-    if "router" in stages and (_retrain(cfg, "router") or not dirs["router"].is_dir()):
-        from loralab.routing import train_router
+        steps.record(
+            "experts", started, trained=done["trained"], reused=done["reused"],
+            seconds_per_expert=done["seconds"],
+        )  # fmt: skip
+    if "router" in stages:
+        saved = saved_router_labels(dirs["router"])
+        if _retrain(cfg, "router") or saved != labels:
+            from loralab.routing import train_router
 
-        stage_cfg = compose_stage("train_router", experiment, user_overrides, out / "router")
-        _same("router", train_router(stage_cfg)["router_dir"], dirs["router"])
-    if "moelora" in stages and (_retrain(cfg, "moelora") or not dirs["moelora"].is_dir()):
-        from loralab.training.moelora_gate import train_moelora
+            started = time.perf_counter()
+            stage_cfg = compose_stage("train_router", experiment, user_overrides, out / "router")
+            done = train_router(stage_cfg)
+            _same("router", done["router_dir"], dirs["router"])
+            action = "trained" if saved is None or _retrain(cfg, "router") else "refit"
+            steps.record(
+                "router", started, action=action, labels=labels, previous_labels=saved,
+                encoded_texts=done["metrics"]["encoded_texts"],
+            )  # fmt: skip
+        else:
+            steps.record("router", time.perf_counter(), action="reused", labels=labels)
+    for gate_stage in ("moelora", "moelora_prior"):
+        if gate_stage in stages:
+            _gate_stage(gate_stage, cfg, experiment, user_overrides, dirs, domains, steps)
+    if "xlora" in stages:
+        saved_x = saved_xlora_experts(dirs["xlora"])
+        if _retrain(cfg, "xlora") or saved_x != domains:
+            from loralab.training.xlora import train_xlora
 
-        extra = [
-            f"experts_dir={dirs['experts']}",
-            f"retrain={str(_retrain(cfg, 'moelora')).lower()}",
-        ]
-        stage_cfg = compose_stage(
-            "train_moelora", experiment, user_overrides, out / "moelora", extra
-        )
-        _same("moelora", train_moelora(stage_cfg)["gate_dir"], dirs["moelora"])
-    if "xlora" in stages and (
-        _retrain(cfg, "xlora") or not (dirs["xlora"] / XLORA_MANIFEST_FILE).is_file()
-    ):
-        from loralab.training.xlora import train_xlora
-
-        extra = [f"experts_dir={dirs['experts']}", f"retrain={str(_retrain(cfg, 'xlora')).lower()}"]
-        stage_cfg = compose_stage("train_moelora", experiment, user_overrides, out / "xlora", extra)
-        adapters = {str(d): dirs["experts"] / str(d) for d in cfg.data.domains}
-        _same("xlora", train_xlora(stage_cfg, adapters, out / "xlora"), dirs["xlora"])
+            started = time.perf_counter()
+            retrain = _retrain(cfg, "xlora") or saved_x is not None  # experts changed: anew
+            extra = [f"experts_dir={dirs['experts']}", f"retrain={str(retrain).lower()}"]
+            stage_cfg = compose_stage(
+                "train_moelora", experiment, user_overrides, out / "xlora", extra
+            )
+            adapters = {d: dirs["experts"] / d for d in domains}
+            _same("xlora", train_xlora(stage_cfg, adapters, out / "xlora"), dirs["xlora"])
+            steps.record("xlora", started, action="trained", previous_experts=saved_x)
+        else:
+            steps.record("xlora", time.perf_counter(), action="reused")
     if "evaluate" not in stages:
         return {}
-    return evaluate_and_report(cfg)
+    started = time.perf_counter()
+    results = evaluate_and_report(cfg)
+    steps.record("evaluate", started, systems=results["systems"], sets=results["sets"])
+    return results
+
+
+def _gate_stage(
+    stage: str,
+    cfg: DictConfig,
+    experiment: str,
+    user_overrides: Sequence[str],
+    dirs: dict[str, Path],
+    domains: list[str],
+    steps: _Steps,
+) -> None:
+    """Train a gate (``moelora``; ``moelora_prior``: with the router's prior in place), reuse it,
+    or grow it over new experts (warm start, then a short training)."""
+    out = Path(cfg.paths.output_dir) / stage
+    saved = saved_gate_experts(dirs[stage])
+    retrain = _retrain(cfg, stage)
+    if saved == domains and not retrain:
+        steps.record(stage, time.perf_counter(), action="reused", experts=domains)
+        return
+    from loralab.training.moelora_gate import train_moelora
+
+    started = time.perf_counter()
+    grow = saved is not None and not retrain and set(saved) < set(domains)
+    extra = [
+        f"experts_dir={dirs['experts']}",
+        f"retrain={str(retrain or saved is not None).lower()}",
+    ]
+    if stage == "moelora_prior":
+        extra += ["moelora.prior.enabled=true", f"router_dir={dirs['router']}"]
+    if grow:
+        extra.append(f"init_gate={dirs[stage]}")
+        if cfg.pipeline.get("grow_gate_steps") is not None:
+            extra.append(f"trainer.max_steps={int(cfg.pipeline.grow_gate_steps)}")
+    stage_cfg = compose_stage("train_moelora", experiment, user_overrides, out, extra)
+    done = train_moelora(stage_cfg)
+    _same(stage, done["gate_dir"], dirs[stage])
+    steps.record(
+        stage, started, action="grown" if grow else "trained", experts=domains,
+        previous_experts=saved, kept_experts=saved if grow else [],
+        global_step=done["global_step"],
+    )  # fmt: skip
 
 
 def evaluate_and_report(cfg: DictConfig) -> dict[str, Any]:
@@ -151,7 +269,14 @@ def evaluate_and_report(cfg: DictConfig) -> dict[str, Any]:
     from loralab.evaluation.report import write_report, write_results
 
     out = Path(cfg.paths.output_dir)
-    results = evaluate(cfg, cfg.experts_dir, cfg.router_dir, cfg.moelora_dir, cfg.xlora_dir)
+    results = evaluate(
+        cfg,
+        cfg.experts_dir,
+        cfg.router_dir,
+        cfg.moelora_dir,
+        cfg.xlora_dir,
+        moelora_prior_dir=cfg.get("moelora_prior_dir"),
+    )
     written = write_results(results, out) + write_report(results, out)
     log.info("wrote %s", ", ".join(str(p.relative_to(out)) for p in written))
     plots = [p for p in written if p.suffix == ".png"]

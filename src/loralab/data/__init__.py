@@ -8,8 +8,8 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "DOMAINS": "records",
-    "ROUTER_LABELS": "records",
+    "BASE_LABEL": "records",
+    "router_labels": "records",
     "DataFormatError": "records",
     "Record": "records",
     "read_records": "records",

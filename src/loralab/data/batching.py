@@ -76,7 +76,8 @@ def collate_examples(
     """Right-pad a list of examples.
 
     Returns ``input_ids`` [B, T] (padded with ``pad_token_id``), ``attention_mask`` [B, T],
-    ``labels`` [B, T] (``IGNORE_INDEX`` on prompt and padding) and ``domain_id`` [B].
+    ``labels`` [B, T] (``IGNORE_INDEX`` on prompt and padding), ``domain_id`` [B] and, when the
+    examples carry one, ``prior`` [B, S] (the router's gate-slot probabilities).
     """
     width = max(len(e) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
@@ -88,9 +89,15 @@ def collate_examples(
         labels[i, :n] = torch.tensor(e.labels)
         attention_mask[i, :n] = 1
     domain_id = torch.tensor([e.domain_id for e in examples], dtype=torch.long)
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "domain_id": domain_id,
     }
+    priors = [e.prior for e in examples]
+    if any(p is not None for p in priors):
+        if any(p is None for p in priors):
+            raise ValueError("a batch mixes examples with and without a router prior")
+        batch["prior"] = torch.tensor(priors, dtype=torch.float32)  # [B, S]
+    return batch

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -12,13 +13,14 @@ from transformers import PreTrainedTokenizerBase
 
 from loralab.data.batching import EncodedDataset, LengthGroupedSampler, collate_examples
 from loralab.data.formatting import encode_pair
-from loralab.data.records import Split, load_domain_split
+from loralab.data.records import Record, Split, load_domain_split
 
 
 class DomainDataModule(L.LightningDataModule):
     """Train / val / test loaders over one or several domains.
 
     Batches are dicts from :func:`collate_examples`; ``domain_id`` indexes ``domains``.
+    ``row_prior`` (record -> gate-slot probabilities) adds a ``prior`` [B, S] to every batch.
     """
 
     def __init__(
@@ -27,8 +29,10 @@ class DomainDataModule(L.LightningDataModule):
         tokenizer: PreTrainedTokenizerBase,
         domains: Sequence[str],
         seed: int = 0,
+        row_prior: Callable[[Record], tuple[float, ...]] | None = None,
     ) -> None:
         super().__init__()
+        self.row_prior = row_prior
         self.cfg = data_cfg
         self.tokenizer = tokenizer
         self.domains = list(domains)
@@ -50,15 +54,21 @@ class DomainDataModule(L.LightningDataModule):
 
     def encode(self, split: Split) -> EncodedDataset:
         if split not in self.datasets:
-            examples = [
-                encode_pair(
-                    self.tokenizer, r.instruction, r.response, int(self.cfg["max_length"]), i
-                )
-                for i, domain in enumerate(self.domains)
-                for r in load_domain_split(self.cfg, domain, split)
-            ]
+            examples = []
+            for i, domain in enumerate(self.domains):
+                for r in load_domain_split(self.cfg, domain, split):
+                    ex = encode_pair(
+                        self.tokenizer, r.instruction, r.response, int(self.cfg["max_length"]), i
+                    )
+                    examples.append(
+                        ex if self.row_prior is None else replace(ex, prior=self.row_prior(r))
+                    )
             self.datasets[split] = EncodedDataset(examples)
         return self.datasets[split]
+
+    def records(self, split: Split) -> list[Record]:
+        """The records of ``split`` over every domain, in ``encode`` order."""
+        return [r for d in self.domains for r in load_domain_split(self.cfg, d, split)]
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):

@@ -17,6 +17,7 @@ class EncodedExample:
     input_ids: list[int]
     labels: list[int]
     domain_id: int = -1
+    prior: tuple[float, ...] | None = None  # the request router's gate-slot probabilities
 
     def __len__(self) -> int:
         return len(self.input_ids)

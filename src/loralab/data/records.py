@@ -21,8 +21,8 @@ from loralab.io_utils import file_sha256
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
-DOMAINS: tuple[str, ...] = ("law", "code", "medical")
-ROUTER_LABELS: tuple[str, ...] = ("law", "code", "medical", "base")
+BASE_LABEL = "base"  # the router's label for "no expert" (general.jsonl and every abstention)
+GENERAL = "general"  # the data.files key of the general (no expert) records
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "domain", "instruction", "response")
 
 
@@ -32,7 +32,7 @@ class DataFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One instruction / response pair. ``domain`` is ``law``, ``code``, ``medical`` or ``general``."""
+    """One instruction / response pair. ``domain`` is one of ``data.domains`` or ``general``."""
 
     id: str
     domain: str
@@ -40,6 +40,17 @@ class Record:
     response: str
     source: str = ""
     license: str = ""
+
+
+def router_labels(domains: Sequence[str]) -> list[str]:
+    """The request router's labels: each expert's domain, then ``base``."""
+    if BASE_LABEL in domains or GENERAL in domains:
+        raise ValueError(
+            f"data.domains {list(domains)}: {BASE_LABEL!r} and {GENERAL!r} are reserved"
+        )
+    if len(set(domains)) != len(domains) or not domains:
+        raise ValueError(f"data.domains {list(domains)}: need one or more distinct names")
+    return [*domains, BASE_LABEL]
 
 
 def default_data_root() -> Path:

@@ -1,13 +1,21 @@
 """Build the systems named in ``cfg.eval.systems`` on the shared base model, one group at a time.
 
-Groups: the routed systems (request-level systems and MoE-LoRA) on ONE ``MoELoraModel`` holding
-every expert; then PEFT's TIES merge, X-LoRA and Arrow, each a PEFT model of its own. Each group
+Groups: the routed systems (request-level systems, MoE-LoRA and ``moelora_prior``) on ONE
+``MoELoraModel`` holding every expert (the trained gates are swapped in as each system needs:
+``GateBank``); then PEFT's TIES merge, X-LoRA and Arrow, each a PEFT model of its own. Each group
 is built on the shared base inside ``SharedBase.lend``, used, unloaded, and the base is checked.
+
+``moelora_prior`` and its ablations (the router's probabilities as a prior on the gate logits,
+``loralab.routing.prior``): ``moelora_prior`` the gate trained with the prior, used with it;
+``moelora_prior_infer`` the plain MoE-LoRA gate with the prior at inference only;
+``moelora_prior_nobias`` the gate trained with the prior, used without it; ``moelora_prior_s<x>``
+the gate trained with the prior, used with the prior at scale ``x``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,12 +27,15 @@ from loralab.artifacts import load_expert
 from loralab.baselines import build_arrow, build_xlora
 from loralab.data.records import Record
 from loralab.evaluation.shared_base import SharedBase
-from loralab.evaluation.systems import Choice, ModelSystem, RoutedSystem, gold_choice
+from loralab.evaluation.systems import Choice, GatePrior, ModelSystem, RoutedSystem, gold_choice
+from loralab.routing.prior import gate_bias, slot_probs
 from loralab.training.xlora import load_xlora_classifier
 
 log = logging.getLogger(__name__)
 
-ROUTED = ("base", "oracle", "merge_cat", "router", "router_soft", "moelora")
+PRIOR_SYSTEMS = ("moelora_prior", "moelora_prior_infer", "moelora_prior_nobias")
+ROUTED = ("base", "oracle", "merge_cat", "router", "router_soft", "moelora", *PRIOR_SYSTEMS)
+PRIOR_AT_SCALE = re.compile(r"moelora_prior_s(\d+(?:\.\d+)?)")  # moelora_prior_s2, _s0.5
 PEFT_SYSTEMS = ("merge_ties", "xlora", "arrow")
 KNOWN = (*ROUTED, *PEFT_SYSTEMS)
 
@@ -73,16 +84,66 @@ class RouterChoices:
     def live_soft(self, record: Record) -> Choice:
         return self._soft(self.router.route(record.instruction))
 
+    def prior(self, slots: Sequence[str], scale: float, floor: float) -> Callable[[Record], Choice]:
+        """record -> ``GatePrior``: ``scale * log p`` of the router's probabilities over the gate
+        ``slots`` (the decision made for it in ``prepare``)."""
+
+        def choose(record: Record) -> Choice:
+            p = slot_probs(self.decisions[record.id].probs, slots)
+            return GatePrior(tuple(float(b) for b in gate_bias(p, scale, floor)))
+
+        return choose
+
+    def live_prior(
+        self, slots: Sequence[str], scale: float, floor: float
+    ) -> Callable[[Record], Choice]:
+        """Like ``prior``, deciding afresh (what serving one request runs)."""
+
+        def choose(record: Record) -> Choice:
+            p = slot_probs(self.router.route(record.instruction).probs, slots)
+            return GatePrior(tuple(float(b) for b in gate_bias(p, scale, floor)))
+
+        return choose
+
+
+EACH_EXPERT = "expert_*"  # in eval.systems: expert_<d> for every domain of data.domains
+
+
+def expand_systems(names: Sequence[str], experts: Sequence[str]) -> list[str]:
+    """``eval.systems`` with ``expert_*`` replaced by ``expert_<d>`` for each of ``experts``."""
+    out: list[str] = []
+    for name in names:
+        for n in [f"expert_{d}" for d in experts] if name == EACH_EXPERT else [name]:
+            if n not in out:
+                out.append(n)
+    return out
+
 
 def check_names(names: Sequence[str], experts: Sequence[str]) -> None:
     allowed = {*KNOWN, *(f"expert_{d}" for d in experts)}
-    unknown = [n for n in names if n not in allowed]
+    unknown = [n for n in names if n not in allowed and not PRIOR_AT_SCALE.fullmatch(n)]
     if unknown:
         raise ValueError(f"eval.systems: unknown system(s) {unknown}; known: {sorted(allowed)}")
 
 
 def is_routed(name: str) -> bool:
-    return name in ROUTED or name.startswith("expert_")
+    return name in ROUTED or name.startswith("expert_") or bool(PRIOR_AT_SCALE.fullmatch(name))
+
+
+def gate_of(name: str) -> str | None:
+    """The trained gate a routed system runs: ``moelora``, ``moelora_prior`` or None (none)."""
+    if name in ("moelora", "moelora_prior_infer"):
+        return "moelora"
+    if name.startswith("moelora_prior"):
+        return "moelora_prior"
+    return None
+
+
+def needs_router(name: str) -> bool:
+    """Whether a system reads the router's decisions."""
+    return name in ("router", "router_soft") or (
+        name.startswith("moelora_prior") and name != "moelora_prior_nobias"
+    )
 
 
 def groups(names: Sequence[str]) -> list[list[str]]:
@@ -104,9 +165,14 @@ def constant(choice: Choice) -> Callable[[Record], Choice]:
 
 
 def routed_systems(
-    names: Sequence[str], experts: Sequence[str], choices: RouterChoices | None
+    names: Sequence[str],
+    experts: Sequence[str],
+    choices: RouterChoices | None,
+    slots: Sequence[str] = (),
+    prior: tuple[float, float] = (1.0, 1e-4),
 ) -> dict[str, RoutedSystem]:
-    """The routed systems among ``names`` (``router`` / ``router_soft`` need ``choices``)."""
+    """The routed systems among ``names`` (those in ``needs_router`` need ``choices``; the prior
+    systems the gate ``slots`` and the trained ``prior`` (scale, floor))."""
     from moelora import GATE
 
     uniform = {d: 1.0 / len(experts) for d in experts}  # PEFT's `cat` merge with equal weights
@@ -120,11 +186,20 @@ def routed_systems(
             out[name] = RoutedSystem(name, lambda r: gold_choice(r, experts))
         elif name == "merge_cat":
             out[name] = RoutedSystem(name, constant(uniform))
-        elif name == "moelora":
-            out[name] = RoutedSystem(name, constant(GATE))
-        elif name in ("router", "router_soft"):
-            if choices is None:
-                raise ValueError(f"system {name!r} needs the router's decisions")
+        elif name in ("moelora", "moelora_prior_nobias"):
+            out[name] = RoutedSystem(name, constant(GATE), gate=gate_of(name))
+        elif needs_router(name) and choices is None:
+            raise ValueError(f"system {name!r} needs the router's decisions")
+        elif name.startswith("moelora_prior") and choices is not None:
+            m = PRIOR_AT_SCALE.fullmatch(name)
+            scale, floor = (float(m.group(1)) if m else prior[0]), prior[1]
+            out[name] = RoutedSystem(
+                name,
+                choices.prior(slots, scale, floor),
+                choices.live_prior(slots, scale, floor),
+                gate=gate_of(name),
+            )
+        elif name in ("router", "router_soft") and choices is not None:
             hard = name == "router"
             out[name] = RoutedSystem(
                 name,
@@ -134,6 +209,22 @@ def routed_systems(
     return out
 
 
+class GateBank:
+    """The trained gates of one MoE-LoRA model (``{name: gate folder}``), swapped in on demand
+    (``use``); every gate is verified against the model's experts and config when loaded."""
+
+    def __init__(self, model: Any, gates: Mapping[str, Path], active: str | None) -> None:
+        self.model, self.gates, self.active = model, dict(gates), active
+
+    def use(self, name: str | None) -> None:
+        if name is None or name == self.active:
+            return
+        from moelora import load_gate
+
+        load_gate(self.model, self.gates[name])
+        self.active = name
+
+
 @contextmanager
 def routed_model(
     shared: SharedBase,
@@ -141,7 +232,7 @@ def routed_model(
     with_gate: Path | None,
 ) -> Iterator[Any]:
     """One ``MoELoraModel`` over every expert on the shared base (with the trained gate from
-    ``with_gate`` when MoE-LoRA is evaluated; else a fresh gate that no row uses)."""
+    ``with_gate`` when a gated system is evaluated; else a fresh gate that no row uses)."""
     from moelora import MoELoraConfig, MoELoraModel, load_moelora
 
     with shared.lend("routed systems (one MoE-LoRA model)") as base:

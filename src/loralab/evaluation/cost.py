@@ -22,7 +22,13 @@ import torch
 
 from loralab.data.records import Record
 from loralab.evaluation.sets import EvalSet
-from loralab.evaluation.systems import ModelSystem, RoutedSystem, served_choice
+from loralab.evaluation.systems import (
+    ModelSystem,
+    RoutedSystem,
+    row_routing,
+    served_choice,
+    uses_gate,
+)
 from loralab.measurement import MIB, PeakMemory, time_calls, weights_bytes
 
 COST_SET = "cost"
@@ -96,21 +102,19 @@ class Served:
 def served_routed(model: Any, system: RoutedSystem, records: Sequence[Record]) -> Served:
     """A routed system on the shared MoE-LoRA model; its weights leave out the gate unless the
     system uses it."""
-    from moelora import GATE, RowRouting
-
     device = next(iter(model.moe_layers()))[1].lora_A.device
     names = model.expert_names
 
     def routing_of(recs: Sequence[Record], choose: Callable[[Record], Any]) -> Any:
-        return RowRouting.from_choices([served_choice(choose(r)) for r in recs], names, device)
+        return row_routing([served_choice(choose(r)) for r in recs], names, device)
 
     live = system.route_live or system.choose
-    uses_gate = any(system.choose(r) is GATE for r in records)
+    gated = any(uses_gate(system.choose(r)) for r in records)
     return Served(
         model,
         routing_of(records, system.choose),
         lambda record: routing_of([record], live),
-        () if uses_gate else model.gate_parameters(),
+        () if gated else model.gate_parameters(),
     )
 
 

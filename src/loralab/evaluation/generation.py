@@ -1,5 +1,6 @@
-"""Greedy generation on a small sample: MBPP pass rate for code (the model's code runs in the guarded
-sandbox of ``loralab.evaluation.sandbox``), ROUGE-L against the reference for law and medical.
+"""Greedy generation on a small sample: MBPP pass rate for ``code`` (the model's code runs in the
+guarded sandbox of ``loralab.evaluation.sandbox``), ROUGE-L against the reference for every other
+expert domain.
 
 Prompts are generated in left-padded batches. Routed systems share one MoE-LoRA model: each single
 choice (base, one expert) generates once per prompt, in mixed batches, and every system that picks
@@ -26,6 +27,7 @@ from loralab.evaluation.systems import (
     RoutedSystem,
     SingleChoice,
     pending_rounds,
+    row_routing,
     single_options,
 )
 
@@ -65,10 +67,18 @@ def mbpp_items(data_cfg: Mapping[str, Any], n: int) -> list[GenerationItem]:
     return [items[int(i * len(items) / n)] for i in range(min(n, len(items)))]
 
 
-def generation_sets(data_cfg: Mapping[str, Any], n: int) -> dict[str, list[GenerationItem]]:
-    """``gen_code`` (MBPP pass rate), ``gen_law`` and ``gen_medical`` (test split, ROUGE-L)."""
-    sets = {"gen_code": mbpp_items(data_cfg, n)}
-    for domain in ("law", "medical"):
+PROGRAM_DOMAIN = "code"  # the domain MBPP is about: scored by running the programs
+
+
+def generation_sets(
+    data_cfg: Mapping[str, Any], n: int, domains: Sequence[str]
+) -> dict[str, list[GenerationItem]]:
+    """``gen_<domain>`` per expert domain: MBPP pass rate for ``code``, test split ROUGE-L else."""
+    sets = {}
+    for domain in domains:
+        if domain == PROGRAM_DOMAIN:
+            sets[f"gen_{domain}"] = mbpp_items(data_cfg, n)
+            continue
         records = spread_subset(load_domain_split(data_cfg, domain, "test", limit=None), n)
         sets[f"gen_{domain}"] = [GenerationItem(r) for r in records]
     return sets
@@ -165,10 +175,9 @@ class Generator:
 
     def routed(self, model: Any, system: RoutedSystem) -> dict[str, list[Reply]]:
         """Replies of a routed system on the shared MoE-LoRA ``model``."""
-        from moelora import RowRouting
 
         def run_with(choices: Sequence[Any]) -> Callable[..., torch.Tensor]:
-            routing = RowRouting.from_choices(choices, model.expert_names, self.device)
+            routing = row_routing(choices, model.expert_names, self.device)
             return lambda **kw: model.generate(**kw, row_routing=routing)
 
         out: dict[str, list[Reply]] = {}

@@ -8,6 +8,7 @@ unchanged after each).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -26,11 +27,15 @@ from loralab.base_model import load_base_model, resolve_device, weights_fingerpr
 from loralab.config import to_container
 from loralab.data.records import Record
 from loralab.evaluation.build import (
+    GateBank,
     RouterChoices,
     check_names,
+    expand_systems,
+    gate_of,
     groups,
     is_routed,
     need,
+    needs_router,
     peft_system,
     routed_model,
     routed_systems,
@@ -99,9 +104,10 @@ def evaluated_artifacts(
     choices: RouterChoices | None,
     moelora_dir: str | Path | None,
     xlora_dir: str | Path | None,
+    moelora_prior_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The exact files evaluated: each adapter's sha256 (weights and config), the router's model
-    version, the MoE-LoRA gate's and the X-LoRA classifier's sha256 (those of the systems run)."""
+    version, the MoE-LoRA gates' and the X-LoRA classifier's sha256 (those of the systems run)."""
     out: dict[str, Any] = {
         "adapters": {
             d: {
@@ -113,10 +119,15 @@ def evaluated_artifacts(
     }
     if choices is not None:
         out["router"] = {"model_version": choices.model_version}
-    if "moelora" in systems and moelora_dir is not None:
-        from moelora import read_gate_metadata
+    from moelora import read_gate_metadata
 
+    gates = {gate_of(n) for n in systems}
+    if "moelora" in gates and moelora_dir is not None:
         out["moelora_gate"] = {"gate_sha256": read_gate_metadata(moelora_dir)["gate_sha256"]}
+    if "moelora_prior" in gates and moelora_prior_dir is not None:
+        out["moelora_prior_gate"] = {
+            "gate_sha256": read_gate_metadata(moelora_prior_dir)["gate_sha256"]
+        }
     if "xlora" in systems and xlora_dir is not None:
         xlora_manifest = read_manifest(xlora_dir)
         out["xlora_classifier"] = {"classifier_sha256": xlora_manifest["classifier_sha256"]}
@@ -161,6 +172,7 @@ def evaluate(
     router_dir: str | Path | None = None,
     moelora_dir: str | Path | None = None,
     xlora_dir: str | Path | None = None,
+    moelora_prior_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The head-to-head comparison: every system in ``cfg.eval.systems`` on every set."""
     seed_everything(int(cfg.seed), workers=True)
@@ -169,7 +181,7 @@ def evaluate(
     threads = set_threads(cfg.eval.cost.get("threads"))
     device = resolve_device(cfg.base_model.get("device", "auto"))
     experts = [str(d) for d in cfg.data.domains]
-    names = [str(n) for n in cfg.eval.systems]
+    names = expand_systems([str(n) for n in cfg.eval.systems], experts)
     check_names(names, experts)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     materialize_weights(base)  # the CPU peak memory then counts the weights, as CUDA's does
@@ -182,7 +194,7 @@ def evaluate(
     generator = None
     if gen.per_set and int(gen.per_set) > 0:
         generator = Generator(
-            generation_sets(cfg.data, int(gen.per_set)),
+            generation_sets(cfg.data, int(gen.per_set), experts),
             tokenizer,
             gen,
             int(cfg.eval.batch_size),
@@ -200,17 +212,20 @@ def evaluate(
     for group in groups(names):
         group_started = time.perf_counter()
         if is_routed(group[0]):
-            if "router" in group or "router_soft" in group:
+            if any(needs_router(n) for n in group):
                 choices = RouterChoices(need(router_dir, "router folder", "router"), experts)
                 records = [r for s in sets.values() for r in s.records]
                 if generator is not None:
                     records += [i.record for items in generator.sets.values() for i in items]
                 choices.prepare(records + (prompts[1] if prompts else []))
-            gate = None
-            if "moelora" in group:
-                gate = need(moelora_dir, "trained MoE-LoRA gate folder", "moelora")
+            folders = {"moelora": moelora_dir, "moelora_prior": moelora_prior_dir}
+            gates = {
+                g: need(folders[g], f"trained {g} gate folder", n)
+                for n in group
+                if (g := gate_of(n)) is not None
+            }
             _routed_group(
-                run, group, shared, adapters, gate, choices, generator, prompts, tokenizer,
+                run, group, shared, adapters, gates, choices, generator, prompts, tokenizer,
                 pad_id, device,
             )  # fmt: skip
             if choices is not None:
@@ -245,6 +260,7 @@ def evaluate(
         if device.type == "cuda"
         else f"cpu ({threads} threads)",
         "config": to_container(cfg),
+        "domains": experts,
         "systems": names,
         "sets": list(sets),
         "n_examples": {name: len(s.records) for name, s in sets.items()},
@@ -262,7 +278,9 @@ def evaluate(
         "routing": routing,
         "generations": {n: run.generations[n] for n in names if n in run.generations},
         "base_fingerprint": shared.fingerprint,
-        "artifacts": evaluated_artifacts(manifests, names, choices, moelora_dir, xlora_dir),
+        "artifacts": evaluated_artifacts(
+            manifests, names, choices, moelora_dir, xlora_dir, moelora_prior_dir
+        ),
         "sandbox": isolation() if generator is not None else None,
         "measurement": {
             **definition(device, int(cost.repeats), 1, threads),
@@ -283,7 +301,7 @@ def _routed_group(
     names: Sequence[str],
     shared: SharedBase,
     adapters: Mapping[str, Path],
-    gate: Path | None,
+    gates: Mapping[str, Path],
     choices: RouterChoices | None,
     generator: Generator | None,
     prompts: tuple[torch.Tensor, list[Record]] | None,
@@ -293,13 +311,17 @@ def _routed_group(
 ) -> None:
     """Every routed system on one MoE-LoRA model: score, generate, cost; then unload."""
     cfg = run.cfg
-    systems = routed_systems(names, list(adapters), choices)
     label = "routed"
-    with routed_model(shared, adapters, gate) as model:
+    first = next(iter(gates), None)
+    with routed_model(shared, adapters, None if first is None else gates[first]) as model:
+        bank = GateBank(model, gates, first)
+        prior = prior_setting(cfg, gates.get("moelora_prior"))
+        systems = routed_systems(names, list(adapters), choices, model.gate_slot_names, prior)
         started = time.perf_counter()
         scorer = RoutedScorer(model, run.sets, int(cfg.eval.batch_size), pad_id, device)
         scorer.fill(list(systems.values()))  # the single choices of every system, once
         for name, system in systems.items():
+            bank.use(system.gate)
             recorder = None
             if name == "moelora":
                 recorder = GateRecorder(model.slot_names, int(cfg.eval.heatmap_examples), tokenizer)
@@ -311,6 +333,7 @@ def _routed_group(
         if generator is not None:
             started = time.perf_counter()
             for name, system in systems.items():
+                bank.use(system.gate)
                 run.generations[name] = generator.routed(model, system)
                 run.metrics.extend(generation_metrics(name, run.generations[name]))
             run.timed(label, "generate", started)
@@ -318,6 +341,7 @@ def _routed_group(
             started = time.perf_counter()
             ids, records = prompts
             for name, system in systems.items():
+                bank.use(system.gate)
                 values = measure_cost(
                     served_routed(model, system, records),
                     ids,
@@ -327,6 +351,17 @@ def _routed_group(
                 )
                 run.metrics.extend(cost_metrics(name, values))
             run.timed(label, "cost", started)
+
+
+def prior_setting(cfg: DictConfig, prior_gate: Path | None) -> tuple[float, float]:
+    """(scale, floor) of the router prior: what the prior gate was trained with (its
+    training.json), else ``moelora.prior`` of the config."""
+    if prior_gate is not None and (prior_gate / "training.json").is_file():
+        trained = json.loads((prior_gate / "training.json").read_text(encoding="utf-8"))["prior"]
+        if trained:
+            return float(trained["scale"]), float(trained["floor"])
+    p = cfg.get("moelora", {}).get("prior") or {"scale": 1.0, "floor": 1e-4}
+    return float(p["scale"]), float(p["floor"])
 
 
 def _peft_group(

@@ -22,8 +22,6 @@ from matplotlib.figure import Figure
 from loralab.evaluation.stats import pareto_front
 from loralab.io_utils import atomic_write_bytes
 
-# loralab.data.records.DOMAINS, not imported: loralab.data pulls in lightning (seconds) for a tuple.
-DOMAINS = ("law", "code", "medical")
 BASE, ORACLE = "base", "oracle"
 REFERENCE_SYSTEMS = (BASE, ORACLE)  # gap recovery is 0 and 1 for them by definition
 MetricKey = tuple[str, str, str]  # (system, set, metric)
@@ -59,10 +57,17 @@ def systems_of(results: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def domains_of(results: Mapping[str, Any]) -> list[str]:
+    """The experts' domains of the run (``results['domains']``, else its ``data.domains``)."""
+    if "domains" in results:
+        return list(results["domains"])
+    return list(results.get("config", {}).get("data", {}).get("domains", []))
+
+
 def mean_domain_nll(results: Mapping[str, Any]) -> dict[str, float]:
-    """Per system, its mean ``nll`` over the domain sets (law, code, medical); only systems with all."""
+    """Per system, its mean ``nll`` over the domain sets (``domains_of``); only systems with all."""
     table = metric_table(results)
-    domain_sets = [s for s in DOMAINS if s in sets_with(results, "nll")]
+    domain_sets = [s for s in domains_of(results) if s in sets_with(results, "nll")]
     out = {}
     for system in systems_of(results):
         values = [metric_value(table, (system, s, "nll")) for s in domain_sets]
@@ -197,7 +202,7 @@ def plot_pareto(results: Mapping[str, Any]) -> Figure | None:
     for name, x, y in zip(names, speed, loss, strict=True):
         ax.annotate(name, (x, y), xytext=(4, 4), textcoords="offset points", fontsize="small")
     ax.set_xlabel("decode tokens/s (higher is better)")
-    ax.set_ylabel(f"mean NLL over {', '.join(DOMAINS)} (lower is better)")
+    ax.set_ylabel(f"mean NLL over {', '.join(domains_of(results))} (lower is better)")
     ax.set_title("Quality vs decode speed")
     ax.legend(fontsize="small")
     return fig

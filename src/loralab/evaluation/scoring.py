@@ -24,7 +24,9 @@ from loralab.evaluation.systems import (
     RoutedSystem,
     SingleChoice,
     pending_rounds,
+    row_routing,
     single_options,
+    uses_gate,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -109,9 +111,7 @@ class RoutedScorer:
         return eval_set.batches(self.batch_size, self.pad_id, self.device)
 
     def _forward(self, batch: Batch, choices: Sequence[Any], recording: bool = False) -> Any:
-        from moelora import RowRouting
-
-        routing = RowRouting.from_choices(choices, self.model.expert_names, self.device)
+        routing = row_routing(choices, self.model.expert_names, self.device)
         self.forwards += 1
         with torch.no_grad():
             out = self.model(
@@ -149,8 +149,6 @@ class RoutedScorer:
         """Per-example NLL of ``system`` on every set: single choices from the table (best-of:
         the lowest), the other rows (mixtures, the gate) in one forward per batch. Gate rows are
         recorded into ``recorder`` when given."""
-        from moelora import GATE
-
         self.fill([system])
         out: dict[str, Scored] = {}
         for eval_set in self.sets.values():
@@ -170,7 +168,7 @@ class RoutedScorer:
                     continue
                 sub = select_rows(batch, own)
                 row_choices = [choices[idx[row]] for row in own]
-                gated = [k for k, c in enumerate(row_choices) if c is GATE]
+                gated = [k for k, c in enumerate(row_choices) if uses_gate(c)]
                 record = recorder is not None and bool(gated)
                 if record:
                     with self.model.recording():

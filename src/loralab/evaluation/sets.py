@@ -1,4 +1,5 @@
-"""The evaluation sets: the four single-domain test splits and the two-domain requests."""
+"""The evaluation sets: the single-domain test splits (each expert's domain and ``general``) and
+the two-domain requests (every pair of the experts' domains)."""
 
 from __future__ import annotations
 
@@ -34,15 +35,29 @@ class EvalSet:
             yield idx, {k: v.to(device) for k, v in batch.items()}, [self.records[i] for i in idx]
 
 
+EACH_DOMAIN = "domains"  # in eval.sets: one set per domain of data.domains
+
+
+def expand_sets(names: Sequence[str], domains: Sequence[str]) -> list[str]:
+    """``eval.sets`` with ``domains`` replaced by each of ``domains``."""
+    out: list[str] = []
+    for name in names:
+        for n in list(domains) if name == EACH_DOMAIN else [name]:
+            if n not in out:
+                out.append(n)
+    return out
+
+
 def build_eval_sets(
     data_cfg: Mapping[str, Any],
     eval_cfg: Mapping[str, Any],
     tokenizer: PreTrainedTokenizerBase,
     experts: Sequence[str],
 ) -> dict[str, EvalSet]:
-    """``eval_cfg.sets`` from the test splits: domain names (``law``, ..., ``general``) and ``two_domain``."""
+    """``eval_cfg.sets`` (``expand_sets``) from the test splits: domain names, ``general`` and
+    ``two_domain`` (every pair of ``experts``)."""
     sets: dict[str, EvalSet] = {}
-    for name in eval_cfg["sets"]:
+    for name in expand_sets([str(n) for n in eval_cfg["sets"]], experts):
         if name == "two_domain":
             records = two_domain_records(
                 data_cfg,

@@ -10,6 +10,8 @@ batch of mixed choices is one forward. A request's ``Choice``:
 - ``{expert: weight}``: the exact weighted sum of the experts' LoRA deltas (uniform weights = PEFT's
   ``cat`` merge; the router's probabilities = ``router_soft``);
 - ``GATE``: MoE-LoRA's trained gate, token by token;
+- ``GatePrior(bias)``: the gate with a per-request prior added to every layer's gate logits (the
+  router's probabilities, ``loralab.routing.prior``): ``moelora_prior`` and its ablations;
 - a tuple of expert names: the best of them for that request (the two-domain oracle), read from
   the scores of each single choice.
 
@@ -24,10 +26,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
+import torch
+
 from loralab.data.records import Record
+from moelora.routing import GATE, RowRouting
 from moelora.routing import Choice as RowChoice
 
-Choice = Union[RowChoice, tuple[str, ...]]  # noqa: UP007  (runtime alias; a tuple = best-of)
+
+@dataclass(frozen=True)
+class GatePrior:
+    """The trained gate with ``bias`` [S] (gate slots order) added to its logits in every layer."""
+
+    bias: tuple[float, ...]
+
+
+Choice = Union[RowChoice, GatePrior, tuple[str, ...]]  # noqa: UP007  (runtime alias; tuple = best-of)
 SingleChoice = Union[None, str]  # noqa: UP007  (the base model, or one expert)
 T = TypeVar("T")
 
@@ -44,6 +57,7 @@ class RoutedSystem:
     name: str
     choose: Callable[[Record], Choice]
     route_live: Callable[[Record], Choice] | None = None
+    gate: str | None = None  # the trained gate its GATE rows use (None: the model's gate)
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,27 @@ def single_options(choice: Choice) -> tuple[SingleChoice, ...] | None:
     return None
 
 
-def served_choice(choice: Choice) -> RowChoice:
+def uses_gate(choice: Choice) -> bool:
+    return choice is GATE or isinstance(choice, GatePrior)
+
+
+def row_routing(
+    choices: Sequence[Choice], expert_names: Sequence[str], device: torch.device | str
+) -> RowRouting:
+    """The ``RowRouting`` of one choice per row (no best-of tuples); ``GatePrior`` rows are gated
+    with their bias (the other rows get a zero bias, which changes nothing)."""
+    priors = [c for c in choices if isinstance(c, GatePrior)]
+    if not priors:
+        return RowRouting.from_choices(choices, expert_names, device)  # type: ignore[arg-type]
+    width = len(priors[0].bias)
+    bias = torch.tensor(
+        [c.bias if isinstance(c, GatePrior) else (0.0,) * width for c in choices]
+    )  # [B, S]
+    plain = [GATE if isinstance(c, GatePrior) else c for c in choices]
+    return RowRouting.from_choices(plain, expert_names, device, gate_bias=bias)  # type: ignore[arg-type]
+
+
+def served_choice(choice: Choice) -> RowChoice | GatePrior:
     """What a request runs when it is served (generation, cost): best-of serves its first option."""
     return choice[0] if isinstance(choice, tuple) else choice
 

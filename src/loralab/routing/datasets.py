@@ -1,6 +1,6 @@
 """Labelled texts for the router: train / val / test splits and an out-of-style check set.
 
-Labels: ``law``, ``code``, ``medical`` from their domain files, ``base`` from ``general.jsonl``.
+Labels: each of ``data.domains`` from its domain file, ``base`` from ``general.jsonl``.
 Splits come from ``loralab.data.records.split_of`` (a hash of the record id), so the router sees
 the same test split as every other part of the lab and never trains on it.
 
@@ -20,10 +20,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loralab.data.records import Record, read_records, split_of, spread_subset
+from loralab.data.records import (
+    BASE_LABEL,
+    GENERAL,
+    Record,
+    read_records,
+    router_labels,
+    split_of,
+    spread_subset,
+)
 from loralab.routing import views as gen
 
-LABEL_FILE_KEYS = {"law": "law", "code": "code", "medical": "medical", "base": "general"}
 VIEWS = (
     "instruction",
     "last_paragraph",
@@ -134,10 +141,16 @@ def record_views(
     return out
 
 
-def read_label_records(root: Path, files: Mapping[str, str]) -> dict[str, list[Record]]:
-    """Records of each router label; ``files`` maps ``law/code/medical/general`` to file names."""
+def read_label_records(
+    root: Path, files: Mapping[str, str], labels: Sequence[str] | None = None
+) -> dict[str, list[Record]]:
+    """Records of each router label (default: every domain of ``files``, then ``base``);
+    ``files`` maps each domain and ``general`` (the ``base`` label) to a file name."""
+    if labels is None:
+        labels = router_labels([k for k in files if k != GENERAL])
     out = {}
-    for label, key in LABEL_FILE_KEYS.items():
+    for label in labels:
+        key = GENERAL if label == BASE_LABEL else label
         if key not in files:
             raise KeyError(f"data.files has no entry {key!r} (needed for router label {label!r})")
         out[label] = read_records(root / files[key], expected_domain=key)
@@ -208,16 +221,17 @@ def out_of_style_examples(
                 by_group.setdefault((label, group), []).append(
                     last_paragraph(r.instruction) or r.instruction
                 )
-    for r in _eval_file(root, "humaneval.jsonl", "code"):
+    # The eval/ benchmarks: code and medical by nature; used only when that label is routed.
+    code = "code" in records
+    for r in _eval_file(root, "humaneval.jsonl", "code") if code else ():
         by_group.setdefault(("code", "humaneval"), []).append(r.instruction)
-    for r in _eval_file(root, "mbpp_test_and_validation.jsonl", "code"):
+    for r in _eval_file(root, "mbpp_test_and_validation.jsonl", "code") if code else ():
         by_group.setdefault(("code", "mbpp_test"), []).append(r.instruction.split("\n")[0])
-    for r in _eval_file(root, "conala_test.jsonl", "code"):
-        intent = r.instruction.split(":", 1)[
-            -1
-        ].strip()  # drop "Write a single line of Python code to:"
+    for r in _eval_file(root, "conala_test.jsonl", "code") if code else ():
+        intent = r.instruction.split(":", 1)[-1].strip()  # drop "Write a single line of ...:"
         by_group.setdefault(("code", "conala_test"), []).append(intent)
-    for r in _eval_file(root, "pubmedqa_pqal_test500.jsonl", "medical"):
+    pubmedqa = "medical" in records
+    for r in _eval_file(root, "pubmedqa_pqal_test500.jsonl", "medical") if pubmedqa else ():
         m = re.search(r"Question:\s*(.+?)\s*$", r.instruction, re.S)
         by_group.setdefault(("medical", "pubmedqa_test_question"), []).append(
             m.group(1) if m else r.instruction

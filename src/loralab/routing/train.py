@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from loralab.config import to_container
-from loralab.data.records import default_data_root, file_sha256
+from loralab.data.records import default_data_root, file_sha256, router_labels
 from loralab.io_utils import atomic_write_json
 from loralab.routing.datasets import (
     Example,
@@ -47,10 +47,20 @@ log = logging.getLogger(__name__)
 
 
 def cached_encode(
-    encoder: Encoder, texts: Sequence[str], cache_dir: Path | None, batch_size: int
+    encoder: Encoder,
+    texts: Sequence[str],
+    cache_dir: Path | None,
+    batch_size: int,
+    encoded: dict[str, int] | None = None,
+    key: str = "",
 ) -> np.ndarray:
-    """Embeddings of ``texts``, cached in ``cache_dir`` under a hash of (encoder, texts)."""
+    """Embeddings of ``texts``, cached in ``cache_dir`` under a hash of (encoder, texts).
+    ``encoded[key]`` (when given) counts the texts actually encoded (not found in the cache)."""
+    if encoded is not None:
+        encoded.setdefault(key, 0)
     if cache_dir is None:
+        if encoded is not None:
+            encoded[key] += len(texts)
         return encoder.encode(texts, batch_size=batch_size)
     h = hashlib.sha256(json.dumps(encoder.fingerprint(), sort_keys=True).encode())
     for t in texts:
@@ -64,6 +74,8 @@ def cached_encode(
         except (OSError, ValueError) as e:  # a damaged cache file is re-encoded, never trusted
             log.warning("ignoring unreadable embedding cache %s (%s)", path, e)
     t0 = time.perf_counter()
+    if encoded is not None:
+        encoded[key] += len(texts)
     x = encoder.encode(texts, batch_size=batch_size)
     log.info("encoded %d texts in %.1fs", len(texts), time.perf_counter() - t0)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +91,7 @@ def _embed(
     labels: Sequence[str],
     cache: Path | None,
     batch: int,
+    encoded: dict[str, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[Example]]:
     """Embeddings ``(n, dim)``, label ids ``(n,)`` and the examples in row order (label by label,
     view by view; cached per label and view, so changing one label's cap or adding a view
@@ -88,7 +101,8 @@ def _embed(
         of_label = [e for e in examples if e.label == label]
         for view in dict.fromkeys(e.view for e in of_label):
             chunk = [e for e in of_label if e.view == view]
-            xs.append(cached_encode(encoder, [e.text for e in chunk], cache, batch))
+            texts = [e.text for e in chunk]
+            xs.append(cached_encode(encoder, texts, cache, batch, encoded, label))
             ys.append(np.full(len(chunk), k))
             rows += chunk
     return np.concatenate(xs), np.concatenate(ys), rows
@@ -122,7 +136,7 @@ def build_examples(
 ) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
     """Train and val examples, and the evaluation sets ``test``, ``out_of_style`` (and ``probe``)."""
     d = cfg.router.data
-    records = read_label_records(root, cfg.data.files)
+    records = read_label_records(root, cfg.data.files, label_names(cfg))
     heldout = list(d.heldout_groups)
 
     def split(name: str, cap: Any, views: Sequence[str] = ("instruction",)) -> list[Example]:
@@ -157,10 +171,32 @@ def build_examples(
     )
 
 
+def label_names(cfg: DictConfig) -> list[str]:
+    """``router.labels``, or when null (the default) ``data.domains`` then ``base``."""
+    labels = cfg.router.get("labels")
+    return [str(x) for x in labels] if labels else router_labels([str(d) for d in cfg.data.domains])
+
+
+def label_descriptions(rcfg: DictConfig, labels: Sequence[str]) -> dict[str, list[str]]:
+    """``router.descriptions``; a label without any (a newly added domain) gets one generic
+    sentence naming it, with a warning: add ``router.descriptions.<label>`` for a useful prior."""
+    descriptions = {str(k): [str(x) for x in v] for k, v in (rcfg.descriptions or {}).items()}
+    for label in labels:
+        if not descriptions.get(label):
+            log.warning(
+                "router.descriptions has none for label %r: using a generic one (set "
+                "router.descriptions.%s to a few sentences describing the domain)",
+                label,
+                label,
+            )
+            descriptions[label] = [f"A question about {label.replace('_', ' ')}."]
+    return descriptions
+
+
 def train_router(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate and save the router described by ``cfg.router`` on ``cfg.data``."""
     rcfg = cfg.router
-    labels = tuple(rcfg.labels)
+    labels = tuple(label_names(cfg))
     out_dir = Path(cfg.paths.output_dir)
     root = Path(cfg.data.root) if cfg.data.get("root") else default_data_root()
     cache = Path(cfg.paths.cache_dir) / "router_embeddings" if rcfg.cache_embeddings else None
@@ -175,11 +211,12 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         ", ".join(f"{k} {len(v)}" for k, v in sets.items()),
     )
     encoder = build_encoder(OmegaConf.to_container(rcfg.encoder, resolve=True))  # type: ignore[arg-type]
-    x_train, y_train, train = _embed(encoder, train, labels, cache, batch)
-    x_val, y_val, _ = _embed(encoder, val, labels, cache, batch)
+    encoded: dict[str, int] = {}  # texts encoded per label (the others came from the cache)
+    x_train, y_train, train = _embed(encoder, train, labels, cache, batch, encoded)
+    x_val, y_val, _ = _embed(encoder, val, labels, cache, batch, encoded)
     embedded = {}
     for name, examples in sets.items():
-        x, y, rows = _embed(encoder, examples, labels, cache, batch)
+        x, y, rows = _embed(encoder, examples, labels, cache, batch, encoded)
         groups = [_coarse_group(e.group) if name == "test" else e.group for e in rows]
         embedded[name] = (x, y, groups)
     t_encoded = time.perf_counter()
@@ -187,7 +224,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     view_weight = {str(k): float(v) for k, v in rcfg.view_weights.items()}
     weights = np.array([view_weight.get(e.view, 1.0) for e in train])
     policy = InputPolicy(**OmegaConf.to_container(rcfg.policy, resolve=True))  # type: ignore[arg-type]
-    descriptions = {k: list(v) for k, v in rcfg.descriptions.items()}
+    descriptions = label_descriptions(rcfg, labels)
     fcfg = fit_config(rcfg)
     router = fit_router(
         encoder,
@@ -239,6 +276,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "n_val": len(val),
         "encoder": encoder.fingerprint(),
     }
+    metrics["encoded_texts"] = encoded
     metrics["timing_s"] = {
         "encode": t_encoded - t_start,
         "fit": t_fitted - t_encoded,

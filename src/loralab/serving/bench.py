@@ -10,7 +10,7 @@ Loads (the same prompts, N, C and max_tokens in each):
   then the loralab server, each given the same ``bench.vllm_requests`` requests round robin over
   base + the experts at ``bench.vllm_concurrency``, half of them streamed.
 
-Prompts are the instructions of the data's test split (law, code, medical, general), cut to
+Prompts are the instructions of the data's test split (``data.domains`` and general), cut to
 ``bench.max_prompt_chars``. Greedy decoding; ``bench.ignore_eos`` makes every answer exactly
 ``max_tokens`` long, so tokens per second compare like with like.
 """
@@ -39,7 +39,6 @@ from loralab.serving.loading import REPO, find_experts, run_paths
 from loralab.serving.vllm_cpu import free_port, stop_process_group
 
 log = logging.getLogger(__name__)
-PROMPT_DOMAINS = ("law", "code", "medical", "general")
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,9 @@ class Sample:
 
 
 def bench_prompts(data_cfg: Any, count: int, max_chars: int) -> list[str]:
-    """Test-split instructions, interleaved over the domains, cut to ``max_chars``."""
-    per_domain = [load_domain_split(data_cfg, d, "test", limit=count) for d in PROMPT_DOMAINS]
+    """Test-split instructions, interleaved over ``data.domains`` and general, cut to ``max_chars``."""
+    domains = [*data_cfg["domains"], "general"]
+    per_domain = [load_domain_split(data_cfg, d, "test", limit=count) for d in domains]
     prompts = [r.instruction[:max_chars] for group in zip(*per_domain, strict=False) for r in group]
     if not prompts:
         raise ValueError("no test records to build benchmark prompts from (data.root?)")

@@ -22,6 +22,7 @@ from loralab.config import to_container
 from loralab.data.datamodule import DomainDataModule
 from loralab.evaluation.plots import plot_gate_usage_by_layer, save_plot
 from loralab.io_utils import atomic_write_json, exclusive_run_dir
+from loralab.routing.prior import RouterPriors, gate_bias
 from loralab.training.common import (
     TrainableStateModule,
     build_trainer,
@@ -29,7 +30,7 @@ from loralab.training.common import (
     start_checkpoint,
 )
 from loralab.training.random_experts import make_random_experts
-from moelora import MoELoraConfig, MoELoraModel, expert_usage, save_gate
+from moelora import MoELoraConfig, MoELoraModel, RowRouting, expert_usage, load_gate, save_gate
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,21 @@ class GateTrainingModule(TrainableStateModule):
     """Trains only the gates of a MoELoraModel; everything else stays frozen (checked).
 
     Batches: ``input_ids`` / ``attention_mask`` / ``labels`` [B, T] and ``domain_id`` [B] indexing
-    ``domains``. Validation accumulates the mean applied gate weight per domain, layer and slot.
+    ``domains``; with ``prior=(scale, floor)``, also ``prior`` [B, S] (the router's gate-slot
+    probabilities), added to every layer's gate logits as ``scale * log p`` (``gate_bias``), so the
+    gate learns with the request-level prior in place. Validation accumulates the mean applied
+    gate weight per domain, layer and slot.
     """
 
     def __init__(
-        self, model: MoELoraModel, optim_cfg: Mapping[str, Any], domains: Sequence[str]
+        self,
+        model: MoELoraModel,
+        optim_cfg: Mapping[str, Any],
+        domains: Sequence[str],
+        prior: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
+        self.prior = prior
         self.model = model.train()  # loaded in eval mode; gate noise needs training mode
         self.optim_cfg = dict(optim_cfg)
         self.domains = list(domains)
@@ -71,8 +80,20 @@ class GateTrainingModule(TrainableStateModule):
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
             use_cache=False,
+            row_routing=self._prior_routing(batch),
         )
         return out.loss, self.model.aux_losses(batch["attention_mask"])
+
+    def _prior_routing(self, batch: Batch) -> RowRouting | None:
+        """Every row gated, with the batch's router prior on the gate logits (None: no prior)."""
+        if self.prior is None:
+            return None
+        if "prior" not in batch:
+            raise ValueError("the gate trains with a router prior but the batch has no 'prior'")
+        bias = gate_bias(batch["prior"].float(), *self.prior)  # [B, S]
+        b, device = bias.shape[0], bias.device
+        weights = torch.zeros(b, self.model.num_experts, device=device)  # unused: all gated
+        return RowRouting(weights, torch.ones(b, dtype=torch.bool, device=device), bias)
 
     def on_train_start(self) -> None:
         self.check_only_gates_trainable()
@@ -185,9 +206,17 @@ def _train_moelora(cfg: DictConfig) -> dict[str, Any]:
     moelora_cfg = to_container(cfg.moelora)
     moe_cfg = MoELoraConfig.from_dict({k: moelora_cfg[k] for k in ("gate", "aux", "compute_path")})
     model = MoELoraModel.from_adapters(base, expert_dirs, moe_cfg, fingerprint)
+    warm_start = None
+    if cfg.get("init_gate"):  # a gate over fewer experts: its rows kept, new experts' rows fresh
+        load_gate(model, str(cfg.init_gate), allow_new_experts=True)
+        warm_start = str(cfg.init_gate)
+        log.info("gate warm-started from %s", warm_start)
     domains = [str(d) for d in cfg.data.domains]
-    module = GateTrainingModule(model, cfg.moelora.optim, domains)
-    datamodule = DomainDataModule(cfg.data, tokenizer, domains, seed=int(cfg.seed))
+    prior, row_prior, prior_info = _router_prior(cfg, tokenizer, domains, model.gate_slot_names)
+    module = GateTrainingModule(model, cfg.moelora.optim, domains, prior)
+    datamodule = DomainDataModule(
+        cfg.data, tokenizer, domains, seed=int(cfg.seed), row_prior=row_prior
+    )
     checkpoint_dir = out / "checkpoints" / "moelora"
     trainer = build_trainer(cfg, run_name="moelora", checkpoint_dir=checkpoint_dir)
     retrain = bool(cfg.get("retrain", False))
@@ -198,6 +227,8 @@ def _train_moelora(cfg: DictConfig) -> dict[str, Any]:
         "gate_dir": str(out / "moelora"),
         "experts": {n: str(p) for n, p in expert_dirs.items()},
         "random_experts": random_experts,
+        "warm_start": warm_start,
+        "prior": prior_info,
         "base_fingerprint": fingerprint,
         "global_step": int(trainer.global_step),
         "trainable_parameters": sum(p.numel() for p in model.gate_parameters()),
@@ -216,6 +247,25 @@ def _train_moelora(cfg: DictConfig) -> dict[str, Any]:
             metrics.get("val/loss", float("nan")),
         )
     return result
+
+
+def _router_prior(
+    cfg: DictConfig, tokenizer: Any, domains: Sequence[str], slots: Sequence[str]
+) -> tuple[tuple[float, float] | None, Any, dict[str, Any] | None]:
+    """With ``moelora.prior.enabled``: ((scale, floor), record -> slot probabilities, what to
+    record); the train and val records are routed once (cached in ``<run>/router_priors.json``)."""
+    prior_cfg = cfg.moelora.get("prior")
+    if not prior_cfg or not prior_cfg.enabled:
+        return None, None, None
+    if not cfg.get("router_dir"):
+        raise ValueError("moelora.prior.enabled=true needs router_dir (a saved router folder)")
+    priors = RouterPriors(str(cfg.router_dir), Path(cfg.paths.output_dir) / "router_priors.json")
+    plain = DomainDataModule(cfg.data, tokenizer, domains)
+    priors.prepare(plain.records("train") + plain.records("val"))
+    priors.release()
+    scale, floor = float(prior_cfg.scale), float(prior_cfg.floor)
+    info = {"scale": scale, "floor": floor, "router_model_version": priors.model_version}
+    return (scale, floor), lambda record: priors.of(record, slots), info
 
 
 def _log_usage(trainer: Any, usage: Mapping[str, Any], image_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,18 +114,26 @@ def _train_experts(cfg: DictConfig) -> dict[str, Any]:
     del base
     domains = [str(d) for d in cfg.expert.domains]
     adapters: dict[str, Path] = {}
+    trained, reused, seconds = [], [], {}
     for domain in domains:
+        started = time.perf_counter()
         target = out / "adapters" / domain
         if (target / MANIFEST).is_file() and not cfg.expert.retrain:
             verify_adapter(target, fingerprint)
-            log.info("expert %s: reusing %s", domain, target)
+            log.info("expert %s: reusing %s (verified)", domain, target)
+            reused.append(domain)
         else:
             retrain = bool(cfg.expert.retrain)
             train_one_expert(cfg, domain, tokenizer, fingerprint, target, retrain)
+            trained.append(domain)
         adapters[domain] = target
+        seconds[domain] = round(time.perf_counter() - started, 2)
     result: dict[str, Any] = {
         "adapters": {d: str(p) for d, p in adapters.items()},
         "base_fingerprint": fingerprint,
+        "trained": trained,
+        "reused": reused,
+        "seconds": seconds,
     }
     if cfg.expert.check:
         result["expert_check"] = run_expert_check(cfg, adapters, fingerprint)
