@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,24 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright import sync_api as playwright_sync
 
+from loralab.serving.playground_browser import chromium_context
 from tests.router.tests_router_helpers import QUESTIONS
 from tests.serving.serving_helpers import engine_held, wait_for
 
 pytestmark = pytest.mark.browser
 
 KEY, ADMIN = "sk-page", "sk-admin"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ASK = QUESTIONS["law"]
 
 
@@ -45,19 +34,8 @@ def site(start_server) -> Any:
 
 @pytest.fixture(scope="module")
 def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    binary = shutil.which("chromium")
-    if binary is None:
-        pytest.fail("the browser tests need Debian's chromium: apt-get install -y chromium")
-    with playwright_sync.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=binary,
-            args=CHROMIUM_ARGS,
-            headless=True,
-            viewport={"width": 1280, "height": 900},
-        )
+    with chromium_context(tmp_path_factory.mktemp("chromium-profile")) as context:
         yield context
-        context.close()
 
 
 @pytest.fixture

@@ -87,6 +87,7 @@ async function refreshModels() {
     fillSelects();
     fillModelTable();
     if (page.server.gate_slots) drawLegend($("legend"), page.server.gate_slots);
+    if (/API key|not reachable/.test($("error").textContent)) showError("");
     return true;
   } catch (error) {
     showError(error.message);
@@ -216,8 +217,10 @@ async function send(event) {
 async function watchHealth() {
   const status = await health();
   const node = $("server-status");
+  const back = status === "ok" && node.dataset.status && node.dataset.status !== "ok";
   node.textContent = status === "ok" ? "server: ok" : `server: ${status}`;
   node.dataset.status = status;
+  if (back) refreshModels(); // a restarted server may serve other adapters
 }
 
 function start() {
@@ -226,6 +229,9 @@ function start() {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) send(event);
   });
   $("stop").addEventListener("click", () => page.running?.abort());
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") page.running?.abort();
+  });
   $("mode").addEventListener("change", () => {
     $("extra-label").hidden = $("mode").value !== "compare";
   });

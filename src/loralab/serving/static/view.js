@@ -82,6 +82,7 @@ export function makePanel(container, model, onToken) {
       const span = el("span", "tok", text);
       span.tabIndex = 0;
       span.dataset.slot = slot;
+      span.dataset.weight = weight.toFixed(3);
       span.dataset.index = String(tokens.length);
       if (!text.trim() && text.includes("\n")) span.classList.add("newline"); // shown as ↵
       span.style.backgroundColor = rgba(colour(slot), 0.15 + 0.55 * weight);
