@@ -44,12 +44,15 @@ def page(chromium: Any, site: Any, tmp_path: Path) -> Iterator[Any]:
     tab = chromium.new_page()
     tab.set_viewport_size({"width": 1280, "height": 900})
     outside: list[str] = []
+    crashes: list[str] = []
     tab.on("request", lambda r: None if r.url.startswith(site.url) else outside.append(r.url))
+    tab.on("pageerror", lambda error: crashes.append(str(error)))
     open_page(tab, site.url)
     yield tab
     tab.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
     tab.close()
     assert outside == [], "the page reached outside its server"
+    assert crashes == [], "uncaught errors in the page's scripts"
 
 
 def open_page(tab: Any, url: str, key: str = KEY) -> None:
@@ -290,6 +293,8 @@ def test_a_stopped_server_is_shown_in_words(chromium, start_server, tmp_path):
     gone = start_server()
     tab = chromium.new_page()
     open_page(tab, gone.url, key="")
+    tab.wait_for_selector("#models tr[data-model=moe]")
+    assert not tab.is_visible("#admin-key")  # this server needs no key to load adapters
     gone.stop()
     ask_page(tab, "moe")
     finished(tab)

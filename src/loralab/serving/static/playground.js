@@ -77,6 +77,7 @@ function fillModelTable() {
   });
   $("models").replaceChildren(...rows);
   $("load").hidden = !page.server.runtime_lora_updating;
+  $("admin-key").parentElement.hidden = !page.server.load_needs_key;
 }
 
 async function refreshModels() {
