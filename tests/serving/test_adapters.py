@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.test_batching import ids, wait_for
+from tests.serving.serving_helpers import wait_for
+from tests.serving.test_batching import ids
 
 EXTRA = ("x1", "x2", "x3")
 

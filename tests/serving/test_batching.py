@@ -4,16 +4,15 @@ cancellation frees the row; a failing request fails alone; a full queue answers 
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
 
 from tests.router.tests_router_helpers import QUESTIONS
+from tests.serving.serving_helpers import engine_held, wait_for
 
 MIX = [
     ("base", QUESTIONS["base"]),
@@ -43,30 +42,6 @@ def ask(url, model, text, max_tokens=10, **extra):
 def ids(response):
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["token_ids"]
-
-
-@contextmanager
-def engine_held(engine):
-    """Hold the engine between two steps: requests sent meanwhile queue up, then join together."""
-    release, held = threading.Event(), threading.Event()
-
-    def hold():
-        held.set()
-        release.wait(60)
-
-    engine.call_between_steps(hold)
-    assert held.wait(30)
-    try:
-        yield
-    finally:
-        release.set()
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def together(url, engine, requests, **extra):

@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming or not),
 ``GET /v1/models``, ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's bodies),
-``GET /health`` (never needs a key), ``GET /metrics`` (Prometheus). With ``server.api_key`` set,
+``GET /health`` (never needs a key), ``GET /metrics`` (Prometheus), the playground page at ``/``. With ``server.api_key`` set,
 every other endpoint needs ``Authorization: Bearer <key>``; load / unload need
 ``server.admin_api_key`` when that is set. Every error is ``{"error": {...}}`` (errors.py).
 """
@@ -24,6 +24,7 @@ from loralab.serving import generation
 from loralab.serving.errors import APIError, error_body
 from loralab.serving.loading import ServingState
 from loralab.serving.metrics import CONTENT_TYPE
+from loralab.serving.playground import mount_playground
 from loralab.serving.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -85,7 +86,12 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(need_key)], responses=_ERRORS)
     async def models() -> ModelList:
-        return ModelList(data=_cards(state))
+        server = {
+            "gate_slots": state.gate_slots,
+            "runtime_lora_updating": settings.runtime_lora_updating,
+            "load_needs_key": (settings.admin_api_key or settings.api_key) is not None,
+        }
+        return ModelList(data=_cards(state), loralab=server)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(need_key)], responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -112,6 +118,7 @@ def create_app(state: ServingState) -> FastAPI:
         await state.registry.unload(body.lora_name)
         return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
 
+    mount_playground(app)
     return app
 
 

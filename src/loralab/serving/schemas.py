@@ -129,6 +129,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    loralab: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extension: gate_slots, runtime_lora_updating, load_needs_key (the playground)",
+    )
 
 
 class ErrorInfo(BaseModel):
