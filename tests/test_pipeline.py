@@ -11,7 +11,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["law", "code", "medical", "general", "two_domain"]
 COST = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb", "weights_mb")
-PLOTS = {"nll_by_set", "gap_recovery", "pareto", "router_confusion", "gate_usage", "gate_heatmaps"}
+PLOTS = {
+    "nll_by_set",
+    "accuracy",
+    "gap_recovery",
+    "pareto",
+    "router_confusion",
+    "gate_usage",
+    "gate_heatmaps",
+}
 
 
 def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -111,7 +119,10 @@ def test_every_system_has_every_metric(smoke_run):
         for metric in COST:
             assert (system, "cost", metric) in have
         replies = results["generations"][system]
-        assert set(replies) == {"gen_code", "gen_law", "gen_medical"}
+        assert set(replies) == {"gen_code", "gen_law", "gen_medical", "humaneval"}
+        assert (system, "humaneval", "pass_rate") in have
+        for s in ("pubmedqa", "legalbench_heldout"):  # multiple choice by option likelihood
+            assert {(system, s, "accuracy"), (system, s, "accuracy_norm")} <= have, (system, s)
         assert all(isinstance(r["reply"], str) and 0 <= r["score"] <= 1 for r in replies["gen_law"])
     assert results["experiment"] == "smoke"
     # the router and the oracle reuse the single experts' results where they pick one
@@ -136,6 +147,13 @@ def test_every_system_has_every_metric(smoke_run):
     for weights in usage.values():
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-4)
     assert set(results["paired_tests"]["router_vs_moelora"]) == set(SETS)
+    assert set(results["paired_tests_accuracy"]["router_vs_moelora"]) == {
+        "pubmedqa", "legalbench_heldout", "gen_code", "humaneval"
+    }  # fmt: skip
+    # the oracle picks the gold expert per question: its answers are that expert's
+    picks = results["per_question"]
+    assert picks["oracle"]["pubmedqa"] == picks["expert_medical"]["pubmedqa"]
+    assert results["choice_sets"]["pubmedqa"]["n_questions"] == 3
     assert results["git_commit"] and results["versions"]["torch"]
     # one base model, measured as loralab.measurement defines it
     cost = {m["system"]: {} for m in results["metrics"] if m["set"] == "cost"}
@@ -150,6 +168,7 @@ def test_every_system_has_every_metric(smoke_run):
     held = measurement["allocated_before_systems_mb"]  # the shared base, data, tokenizer
     assert all(values["peak_memory_mb"] > held for values in cost.values())
     assert set(results["seconds"]) == {"routed", "merge_ties", "xlora", "arrow"}
+    assert all("choices" in stages for stages in results["seconds"].values())
     assert results["peak_rss_mb"] > 0
     rows = (smoke_run / "results.csv").read_text().splitlines()
     assert (

@@ -13,6 +13,7 @@ from loralab.data.batching import collate_examples
 from loralab.data.formatting import EncodedExample, encode_pair
 from loralab.data.mixtures import two_domain_records
 from loralab.data.records import Record, load_domain_split
+from loralab.evaluation.benchmarks import extra_sets
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ def build_eval_sets(
     tokenizer: PreTrainedTokenizerBase,
     experts: Sequence[str],
 ) -> dict[str, EvalSet]:
-    """``eval_cfg.sets`` from the test splits: domain names (``law``, ..., ``general``) and ``two_domain``."""
+    """``eval_cfg.sets`` from the test splits: domain names (``law``, ..., ``general``) and
+    ``two_domain``; then ``eval_cfg.extra_sets`` of kind ``nll``."""
     sets: dict[str, EvalSet] = {}
     for name in eval_cfg["sets"]:
         if name == "two_domain":
@@ -58,4 +60,11 @@ def build_eval_sets(
             max_length = int(data_cfg["max_length"])
         examples = [encode_pair(tokenizer, r.instruction, r.response, max_length) for r in records]
         sets[str(name)] = EvalSet(str(name), records, examples)
+    _, extra = extra_sets(data_cfg, eval_cfg.get("extra_sets") or (), list(sets))
+    for name, records in extra.items():  # eval.extra_sets of kind nll
+        examples = [
+            encode_pair(tokenizer, r.instruction, r.response, int(data_cfg["max_length"]))
+            for r in records
+        ]
+        sets[name] = EvalSet(name, records, examples)
     return sets
