@@ -234,3 +234,15 @@ def test_rerun_reuses_every_artifact(smoke_run):
     proc = _run(smoke_run, "pipeline.stages=[experts,router,moelora,xlora]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in artifacts} == before
+
+
+def test_a_bad_extra_set_stops_the_main_job_before_training(tmp_path):
+    bad = tmp_path / "bench.jsonl"
+    bad.write_text(
+        '{"id": "1", "domain": "law", "question": "Q?", "choices": ["A"], "answer": 0}\n'
+    )
+    out = tmp_path / "run"
+    proc = _run(out, f"eval.extra_sets=[{{name: mine, path: {bad}}}]")
+    assert proc.returncode != 0
+    assert f"{bad}:1: field 'choices' must be a list of >= 2 distinct" in proc.stderr
+    assert not (out / "experts").exists()

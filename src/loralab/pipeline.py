@@ -107,6 +107,10 @@ def _run_pipeline(
         cfg.experts_dir, cfg.router_dir = str(dirs["experts"]), str(dirs["router"])
         cfg.moelora_dir, cfg.xlora_dir = str(dirs["moelora"]), str(dirs["xlora"])
     stages = list(cfg.pipeline.stages)
+    if "evaluate" in stages:  # a bad benchmark or extra-set file stops the run before training
+        from loralab.evaluation.benchmarks import choice_sets
+
+        choice_sets(cfg.data, cfg.eval)
     if "experts" in stages:
         from loralab.training.train_experts import train_experts
 
