@@ -247,3 +247,8 @@ def test_pass_at_1_and_paired_tests_on_outcomes():
     assert test["diff"] == pytest.approx(0.75)
     # exact permutation test: |diff| >= 0.75 only when the 3 differing pairs all keep or all swap
     assert test["p_value"] == pytest.approx(2 / 8)
+
+
+def test_a_set_of_one_question_gets_no_p_value():
+    test = paired_rate_tests({"a": {"t": [1]}, "b": {"t": [0]}}, "a", "b", 100, 0, 0.05)["t"]
+    assert test["diff"] == 1.0 and test["p_value"] != test["p_value"]  # nan: no test

@@ -44,7 +44,20 @@ def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pipeline")
-    proc = _run(out, "logger=wandb", "moelora.gate.temperature=0.5")  # reaches the gate stage
+    files = tmp_path_factory.mktemp("extra")  # a benchmark of each kind, brought by config
+    mc = [
+        {"id": str(i), "domain": "law", "question": f"Is {i} odd?", "choices": ["yes", "no"],
+         "answer": "no" if i % 2 == 0 else "yes"}
+        for i in range(3)
+    ]  # fmt: skip
+    (files / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in mc))
+    nll = {"id": "1", "domain": "medical", "instruction": "Define fever.", "response": "Heat."}
+    (files / "nll.jsonl").write_text(json.dumps(nll) + "\n")
+    extra = (
+        f"eval.extra_sets=[{{name: extra_mc, path: {files}/mc.jsonl}},"
+        f"{{name: extra_nll, path: {files}/nll.jsonl}}]"
+    )
+    proc = _run(out, "logger=wandb", "moelora.gate.temperature=0.5", extra)  # reaches the gate
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -121,7 +134,8 @@ def test_every_system_has_every_metric(smoke_run):
         replies = results["generations"][system]
         assert set(replies) == {"gen_code", "gen_law", "gen_medical", "humaneval"}
         assert (system, "humaneval", "pass_rate") in have
-        for s in ("pubmedqa", "legalbench_heldout"):  # multiple choice by option likelihood
+        assert (system, "extra_nll", "nll") in have  # an extra set scored by NLL
+        for s in ("pubmedqa", "legalbench_heldout", "extra_mc"):  # by option likelihood
             assert {(system, s, "accuracy"), (system, s, "accuracy_norm")} <= have, (system, s)
         assert all(isinstance(r["reply"], str) and 0 <= r["score"] <= 1 for r in replies["gen_law"])
     assert results["experiment"] == "smoke"
@@ -141,15 +155,17 @@ def test_every_system_has_every_metric(smoke_run):
     )
     router = results["routing"]["router"]
     assert router["labels"] == ["law", "code", "medical", "base"] and len(router["confusion"]) == 4
-    assert sum(map(sum, router["confusion"])) == sum(results["n_examples"][s] for s in SETS[:4])
+    routed = [*SETS[:4], "extra_nll"]  # every single-domain request the router decided
+    assert sum(map(sum, router["confusion"])) == sum(results["n_examples"][s] for s in routed)
     usage = results["routing"]["moelora"]["gate_usage"]
-    assert set(usage) == set(SETS)
+    assert set(usage) == {*SETS, "extra_nll"}
     for weights in usage.values():
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-4)
-    assert set(results["paired_tests"]["router_vs_moelora"]) == set(SETS)
+    assert set(results["paired_tests"]["router_vs_moelora"]) == {*SETS, "extra_nll"}
     assert set(results["paired_tests_accuracy"]["router_vs_moelora"]) == {
-        "pubmedqa", "legalbench_heldout", "gen_code", "humaneval"
+        "pubmedqa", "legalbench_heldout", "extra_mc", "gen_code", "humaneval"
     }  # fmt: skip
+    assert results["choice_sets"]["extra_mc"]["answers"] == [1, 0, 1]
     # the oracle picks the gold expert per question: its answers are that expert's
     picks = results["per_question"]
     assert picks["oracle"]["pubmedqa"] == picks["expert_medical"]["pubmedqa"]
