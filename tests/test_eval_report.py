@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loralab.evaluation.options import paired_rate_tests, rate_metrics
 from loralab.evaluation.report import validate_results, write_report, write_results
 from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests
 
@@ -32,8 +33,10 @@ SYSTEMS = (
 )
 SETS = (*DOMAINS, "general", "two_domain")
 GENERATION = (("gen_code", "pass_rate"), ("gen_law", "rougeL"), ("gen_medical", "rougeL"))
+CHOICE_SETS = ("pubmedqa", "legalbench_heldout")
 PLOT_STEMS = {
     "nll_by_set",
+    "accuracy",
     "gap_recovery",
     "pareto",
     "router_confusion",
@@ -95,6 +98,15 @@ def make_results(n_examples: int = 40, seed: int = 0) -> dict:
             per_example[system][set_name] = {"nll_sum": sums.tolist(), "n_tokens": tokens.tolist()}
             metrics += nll_metrics(system, set_name, sums, tokens, n_boot=200)
     metrics += gap_recovery_metrics(metrics)
+    rates: dict = {s: {} for s in SYSTEMS}  # 0/1 per question: accuracy and the paired tests
+    for set_name in CHOICE_SETS:
+        easy = rng.random(n_examples)  # shared by all systems: paired data
+        for i, system in enumerate(SYSTEMS):
+            right = (easy < 0.4 + 0.02 * i).astype(int).tolist()
+            rates[system][set_name] = right
+            metrics += rate_metrics(
+                system, set_name, {"accuracy": right, "accuracy_norm": right}, 200, 0, 0.05
+            )
     for i, system in enumerate(SYSTEMS):
         for set_name, metric in GENERATION:
             metrics.append(_entry(system, set_name, metric, 0.2 + 0.02 * i))
@@ -135,6 +147,10 @@ def make_results(n_examples: int = 40, seed: int = 0) -> dict:
         "per_example": per_example,
         "paired_tests": {
             "router_vs_moelora": paired_tests(per_example, "router", "moelora", n_boot=200)
+        },
+        "choice_sets": {t: {"n_questions": n_examples} for t in CHOICE_SETS},
+        "paired_tests_accuracy": {
+            "router_vs_moelora": paired_rate_tests(rates, "router", "moelora", 200, 0, 0.05)
         },
         "routing": {
             "router": {
@@ -209,6 +225,14 @@ def test_write_report_draws_every_plot(results: dict, tmp_path: Path) -> None:
     assert "3 timed calls after a warm-up, 2 torch thread(s)" in text
     assert "the process held 612.5 MiB" in text
     assert "gen_code pass_rate" in text and "gen_law rougeL" in text
+    acc = next(
+        m for m in results["metrics"] if m["system"] == "router" and m["metric"] == "accuracy"
+    )
+    assert f"| router | {acc['value']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]" in text
+    assert "Questions: pubmedqa 40, legalbench_heldout 40" in text
+    diff = results["paired_tests_accuracy"]["router_vs_moelora"]["pubmedqa"]
+    assert "## Paired test: router − moelora (accuracy / pass-rate difference)" in text
+    assert f"| pubmedqa | {diff['diff']:.3f} |" in text
 
 
 def test_report_skips_absent_plots_and_says_so(results: dict, tmp_path: Path) -> None:
@@ -341,10 +365,17 @@ def test_wandb_offline_one_run_per_system_plus_comparison(
     routing_keys = {f"eval/{t}/routing_accuracy" for t in ("law", "code", "medical", "general")}
     assert eval_keys["router"] == eval_keys["moelora"] | routing_keys  # comparable side by side
     assert "eval/cost/decode_tokens_per_s" in eval_keys["moelora"]
+    assert {"eval/pubmedqa/accuracy", "eval/pubmedqa/accuracy_ci_low"} <= eval_keys["moelora"]
 
     comparison = runs[ids["comparison"]]["summary"]
     assert comparison["router/accuracy"] == pytest.approx(0.9)
-    for key in ("metrics", "router/confusion", "moelora/gate_usage", "paired_tests"):
+    for key in (
+        "metrics",
+        "router/confusion",
+        "moelora/gate_usage",
+        "paired_tests",
+        "paired_tests_accuracy",
+    ):
         assert comparison[key]["_type"] == "table-file"
     assert comparison["metrics"]["nrows"] == len(small["metrics"])
     assert {f"plots/{s}" for s in PLOT_STEMS} <= set(comparison)
@@ -449,9 +480,11 @@ def test_readme_results_come_from_the_committed_run():
     assert results["experiment"] == "quick_cpu"
     assert len(results["systems"]) == len(SYSTEMS)
     plots = {stem: COMMITTED_RUN / "plots" / f"{stem}.png" for stem in PLOTS}
-    assert all(p.is_file() for p in plots.values())
+    drawn = {stem: p for stem, p in plots.items() if PLOTS[stem][1](results) is not None}
+    assert all(p.is_file() for p in drawn.values())
+    skipped = {stem: PLOTS[stem][2] for stem in PLOTS if stem not in drawn}
     report = (COMMITTED_RUN / "report.md").read_text()
-    assert render_report(results, plots, {}, COMMITTED_RUN) == report
+    assert render_report(results, drawn, skipped, COMMITTED_RUN) == report
     readme = README.read_text()
     section = readme.split("<!-- results: quick_cpu -->")[1].split("<!-- /results -->")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]

@@ -11,7 +11,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["law", "code", "medical", "general", "two_domain"]
 COST = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb", "weights_mb")
-PLOTS = {"nll_by_set", "gap_recovery", "pareto", "router_confusion", "gate_usage", "gate_heatmaps"}
+PLOTS = {
+    "nll_by_set",
+    "accuracy",
+    "gap_recovery",
+    "pareto",
+    "router_confusion",
+    "gate_usage",
+    "gate_heatmaps",
+}
 
 
 def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -36,7 +44,20 @@ def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pipeline")
-    proc = _run(out, "logger=wandb", "moelora.gate.temperature=0.5")  # reaches the gate stage
+    files = tmp_path_factory.mktemp("extra")  # a benchmark of each kind, brought by config
+    mc = [
+        {"id": str(i), "domain": "law", "question": f"Is {i} odd?", "choices": ["yes", "no"],
+         "answer": "no" if i % 2 == 0 else "yes"}
+        for i in range(3)
+    ]  # fmt: skip
+    (files / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in mc))
+    nll = {"id": "1", "domain": "medical", "instruction": "Define fever.", "response": "Heat."}
+    (files / "nll.jsonl").write_text(json.dumps(nll) + "\n")
+    extra = (
+        f"eval.extra_sets=[{{name: extra_mc, path: {files}/mc.jsonl}},"
+        f"{{name: extra_nll, path: {files}/nll.jsonl}}]"
+    )
+    proc = _run(out, "logger=wandb", "moelora.gate.temperature=0.5", extra)  # reaches the gate
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -126,7 +147,11 @@ def test_every_system_has_every_metric(smoke_run):
         for metric in COST:
             assert (system, "cost", metric) in have
         replies = results["generations"][system]
-        assert set(replies) == {"gen_code", "gen_law", "gen_medical"}
+        assert set(replies) == {"gen_code", "gen_law", "gen_medical", "humaneval"}
+        assert (system, "humaneval", "pass_rate") in have
+        assert (system, "extra_nll", "nll") in have  # an extra set scored by NLL
+        for s in ("pubmedqa", "legalbench_heldout", "extra_mc"):  # by option likelihood
+            assert {(system, s, "accuracy"), (system, s, "accuracy_norm")} <= have, (system, s)
         assert all(isinstance(r["reply"], str) and 0 <= r["score"] <= 1 for r in replies["gen_law"])
     assert results["experiment"] == "smoke"
     # the router and the oracle reuse the single experts' results where they pick one
@@ -145,16 +170,25 @@ def test_every_system_has_every_metric(smoke_run):
     )
     router = results["routing"]["router"]
     assert router["labels"] == ["law", "code", "medical", "base"] and len(router["confusion"]) == 4
-    assert sum(map(sum, router["confusion"])) == sum(results["n_examples"][s] for s in SETS[:4])
+    routed = [*SETS[:4], "extra_nll"]  # every single-domain request the router decided
+    assert sum(map(sum, router["confusion"])) == sum(results["n_examples"][s] for s in routed)
     usage = results["routing"]["moelora"]["gate_usage"]
-    assert set(usage) == set(SETS)
+    assert set(usage) == {*SETS, "extra_nll"}
     for weights in usage.values():
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-4)
-    assert set(results["paired_tests"]["router_vs_moelora"]) == set(SETS)
-    assert set(results["paired_tests"]["router_vs_moelora_prior"]) == set(SETS)
+    assert set(results["paired_tests"]["router_vs_moelora"]) == {*SETS, "extra_nll"}
+    assert set(results["paired_tests"]["router_vs_moelora_prior"]) == {*SETS, "extra_nll"}
     # the prior systems differ from one another and from MoE-LoRA (the prior and the gate count)
     prior_rows = ["moelora", "moelora_prior", "moelora_prior_infer", "moelora_prior_nobias"]
     assert len({nll[s, "two_domain"]["value"] for s in prior_rows}) == len(prior_rows)
+    assert set(results["paired_tests_accuracy"]["router_vs_moelora"]) == {
+        "pubmedqa", "legalbench_heldout", "extra_mc", "gen_code", "humaneval"
+    }  # fmt: skip
+    assert results["choice_sets"]["extra_mc"]["answers"] == [1, 0, 1]
+    # the oracle picks the gold expert per question: its answers are that expert's
+    picks = results["per_question"]
+    assert picks["oracle"]["pubmedqa"] == picks["expert_medical"]["pubmedqa"]
+    assert results["choice_sets"]["pubmedqa"]["n_questions"] == 3
     assert results["git_commit"] and results["versions"]["torch"]
     # one base model, measured as loralab.measurement defines it
     cost = {m["system"]: {} for m in results["metrics"] if m["set"] == "cost"}
@@ -169,6 +203,7 @@ def test_every_system_has_every_metric(smoke_run):
     held = measurement["allocated_before_systems_mb"]  # the shared base, data, tokenizer
     assert all(values["peak_memory_mb"] > held for values in cost.values())
     assert set(results["seconds"]) == {"routed", "merge_ties", "xlora", "arrow"}
+    assert all("choices" in stages for stages in results["seconds"].values())
     assert results["peak_rss_mb"] > 0
     rows = (smoke_run / "results.csv").read_text().splitlines()
     assert (
@@ -241,3 +276,15 @@ def test_rerun_reuses_every_artifact(smoke_run):
     )
     for stage in ("router", "moelora", "moelora_prior", "xlora"):
         assert steps[stage]["action"] == "reused", stage
+
+
+def test_a_bad_extra_set_stops_the_main_job_before_training(tmp_path):
+    bad = tmp_path / "bench.jsonl"
+    bad.write_text(
+        '{"id": "1", "domain": "law", "question": "Q?", "choices": ["A"], "answer": 0}\n'
+    )
+    out = tmp_path / "run"
+    proc = _run(out, f"eval.extra_sets=[{{name: mine, path: {bad}}}]")
+    assert proc.returncode != 0
+    assert f"{bad}:1: field 'choices' must be a list of >= 2 distinct" in proc.stderr
+    assert not (out / "experts").exists()

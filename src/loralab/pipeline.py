@@ -166,6 +166,10 @@ def _run_pipeline(
         cfg.moelora_dir, cfg.xlora_dir = str(dirs["moelora"]), str(dirs["xlora"])
         cfg.moelora_prior_dir = str(dirs["moelora_prior"])
     stages = list(cfg.pipeline.stages)
+    if "evaluate" in stages:  # a bad benchmark or extra-set file stops the run before training
+        from loralab.evaluation.benchmarks import choice_sets
+
+        choice_sets(cfg.data, cfg.eval)
     if "experts" in stages:
         from loralab.training.train_experts import train_experts
 

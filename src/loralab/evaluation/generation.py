@@ -20,6 +20,8 @@ from transformers import PreTrainedTokenizerBase
 
 from loralab.data.formatting import prompt_text
 from loralab.data.records import Record, data_root, load_domain_split, spread_subset
+from loralab.evaluation.benchmarks import humaneval_records
+from loralab.evaluation.options import rate_metrics
 from loralab.evaluation.sandbox import run_checks
 from loralab.evaluation.stats import rouge_l
 from loralab.evaluation.systems import (
@@ -38,11 +40,13 @@ _CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
 @dataclass(frozen=True)
 class GenerationItem:
-    """A prompt with either a reference answer (ROUGE-L) or executable checks (pass rate)."""
+    """A prompt with either a reference answer (ROUGE-L) or executable checks (pass rate): MBPP's
+    assert lines, or HumanEval's ``check(candidate)`` source called on ``entry_point``."""
 
     record: Record
     tests: Sequence[str] = field(default_factory=tuple)
     setup: str = ""
+    entry_point: str | None = None
 
 
 def mbpp_items(data_cfg: Mapping[str, Any], n: int) -> list[GenerationItem]:
@@ -70,18 +74,37 @@ def mbpp_items(data_cfg: Mapping[str, Any], n: int) -> list[GenerationItem]:
 PROGRAM_DOMAIN = "code"  # the domain MBPP is about: scored by running the programs
 
 
+def humaneval_items(data_cfg: Mapping[str, Any], path: str, n: int) -> list[GenerationItem]:
+    """``n`` HumanEval problems: the prompt (signature and docstring) runs first as setup, so a
+    reply with the whole function replaces its stub and a reply with the body alone completes it;
+    then ``check(entry_point)``."""
+    return [
+        GenerationItem(p["record"], (p["test"],), p["record"].instruction, p["entry_point"])
+        for p in humaneval_records(data_cfg, path, n)
+    ]
+
+
 def generation_sets(
-    data_cfg: Mapping[str, Any], n: int, domains: Sequence[str]
+    data_cfg: Mapping[str, Any],
+    n: int,
+    domains: Sequence[str],
+    mbpp: int | None = None,
+    humaneval: int = 0,
+    humaneval_path: str = "eval/humaneval.jsonl",
 ) -> dict[str, list[GenerationItem]]:
-    """``gen_<domain>`` per expert domain: MBPP pass rate for ``code``, test split ROUGE-L else."""
+    """``gen_<domain>`` per expert domain: MBPP pass rate for ``code`` (``mbpp`` problems, default
+    ``n``), test split ROUGE-L else; ``humaneval`` (pass rate) when ``humaneval`` > 0; empty sets
+    are left out."""
     sets = {}
     for domain in domains:
         if domain == PROGRAM_DOMAIN:
-            sets[f"gen_{domain}"] = mbpp_items(data_cfg, n)
+            sets[f"gen_{domain}"] = mbpp_items(data_cfg, n if mbpp is None else mbpp)
             continue
         records = spread_subset(load_domain_split(data_cfg, domain, "test", limit=None), n)
         sets[f"gen_{domain}"] = [GenerationItem(r) for r in records]
-    return sets
+    if humaneval > 0:
+        sets["humaneval"] = humaneval_items(data_cfg, humaneval_path, humaneval)
+    return {name: items for name, items in sets.items() if items}
 
 
 def extract_code(text: str) -> str:
@@ -161,7 +184,10 @@ class Generator:
         for row, i in enumerate(indices):
             item = self.sets[set_name][i]
             text = str(self.tokenizer.decode(out[row, width:], skip_special_tokens=True))
-            replies.append({"id": item.record.id, "reply": text, "score": self._score(item, text)})
+            reply = {"id": item.record.id, "reply": text, "score": self._score(item, text)}
+            if item.tests:
+                reply["passed"] = bool(reply["score"])
+            replies.append(reply)
         return replies
 
     @property
@@ -170,7 +196,8 @@ class Generator:
 
     def _score(self, item: GenerationItem, reply: str) -> float:
         if item.tests:
-            return float(run_checks(extract_code(reply), item.tests, item.setup, self.timeout_s))
+            code = extract_code(reply)
+            return float(run_checks(code, item.tests, item.setup, self.timeout_s, item.entry_point))
         return rouge_l(reply, item.record.response)
 
     def routed(self, model: Any, system: RoutedSystem) -> dict[str, list[Reply]]:
@@ -224,16 +251,29 @@ class Generator:
         return out
 
 
-def generation_metrics(system: str, replies: Mapping[str, Sequence[Reply]]) -> list[dict[str, Any]]:
-    """``pass_rate`` on ``gen_code``, ``rougeL`` elsewhere: the mean score of the replies."""
-    return [
-        {
-            "system": system,
-            "set": set_name,
-            "metric": "pass_rate" if set_name == "gen_code" else "rougeL",
-            "value": float(np.mean([r["score"] for r in scored])),
-            "ci_low": None,
-            "ci_high": None,
-        }
-        for set_name, scored in replies.items()
-    ]
+def generation_metrics(
+    system: str,
+    replies: Mapping[str, Sequence[Reply]],
+    bootstrap: tuple[int, int, float] | None = None,
+) -> list[dict[str, Any]]:
+    """``pass_rate`` (greedy pass@1) where the replies ran checks, ``rougeL`` elsewhere: the mean
+    score of the replies; pass rates get a bootstrap interval over problems when ``bootstrap``
+    (n, seed, alpha) is given."""
+    out = []
+    for set_name, scored in replies.items():
+        if scored and "passed" in scored[0]:
+            passed = [int(r["passed"]) for r in scored]
+            if bootstrap is not None:
+                out += rate_metrics(system, set_name, {"pass_rate": passed}, *bootstrap)
+                continue
+        out.append(
+            {
+                "system": system,
+                "set": set_name,
+                "metric": "pass_rate" if scored and "passed" in scored[0] else "rougeL",
+                "value": float(np.mean([r["score"] for r in scored])),
+                "ci_low": None,
+                "ci_high": None,
+            }
+        )
+    return out

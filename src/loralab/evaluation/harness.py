@@ -47,13 +47,14 @@ from loralab.evaluation.cost import (
     served_model,
     served_routed,
 )
-from loralab.evaluation.generation import Generator, generation_metrics, generation_sets
+from loralab.evaluation.generation import Generator, generation_sets
 from loralab.evaluation.sandbox import isolation
 from loralab.evaluation.scoring import GateRecorder, RoutedScorer, Scored, score_model
 from loralab.evaluation.sets import EvalSet, build_eval_sets
 from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests
 from loralab.evaluation.systems import gold_label
+from loralab.evaluation.tasks import TaskScores, load_choice_sets
 from loralab.measurement import (
     allocator_in_use,
     definition,
@@ -137,9 +138,10 @@ def evaluated_artifacts(
 class _Run:
     """What one evaluation accumulates, system by system."""
 
-    def __init__(self, cfg: DictConfig, sets: Mapping[str, EvalSet]) -> None:
+    def __init__(self, cfg: DictConfig, sets: Mapping[str, EvalSet], tasks: TaskScores) -> None:
         self.cfg = cfg
         self.sets = sets
+        self.tasks = tasks  # multiple-choice accuracy and pass rates
         self.per_example: dict[str, dict[str, Scored]] = {}
         self.metrics: list[dict[str, Any]] = []
         self.generations: dict[str, Any] = {}
@@ -190,11 +192,20 @@ def evaluate(
     manifests = {d: verify_adapter(path, shared.fingerprint) for d, path in adapters.items()}
     pad_id = int(tokenizer.pad_token_id)
     sets = build_eval_sets(cfg.data, cfg.eval, tokenizer, experts)
+    tasks = TaskScores(load_choice_sets(cfg, tokenizer, router_dir), cfg.eval.bootstrap)
     gen = cfg.eval.generation
     generator = None
-    if gen.per_set and int(gen.per_set) > 0:
+    mbpp, humaneval = int(gen.get("mbpp") or 0), int(gen.get("humaneval") or 0)
+    if int(gen.per_set or 0) > 0 or mbpp or humaneval:
         generator = Generator(
-            generation_sets(cfg.data, int(gen.per_set), experts),
+            generation_sets(
+                cfg.data,
+                int(gen.per_set or 0),
+                experts,
+                mbpp,
+                humaneval,
+                str(gen.humaneval_path),
+            ),
             tokenizer,
             gen,
             int(cfg.eval.batch_size),
@@ -204,7 +215,7 @@ def evaluate(
     prompts: tuple[torch.Tensor, list[Record]] | None = None
     if cost.enabled:
         prompts = cost_prompts(sets, int(cost.prompt_tokens), int(cost.batch_size), device)
-    run = _Run(cfg, sets)
+    run = _Run(cfg, sets, tasks)
     # What the process holds before any system is built (the base model, data, tokenizer): the
     # part of every absolute peak-memory figure that is not the system's own.
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else allocator_in_use()
@@ -214,7 +225,7 @@ def evaluate(
         if is_routed(group[0]):
             if any(needs_router(n) for n in group):
                 choices = RouterChoices(need(router_dir, "router folder", "router"), experts)
-                records = [r for s in sets.values() for r in s.records]
+                records = [r for s in (*sets.values(), *tasks.rows.values()) for r in s.records]
                 if generator is not None:
                     records += [i.record for items in generator.sets.values() for i in items]
                 choices.prepare(records + (prompts[1] if prompts else []))
@@ -275,6 +286,7 @@ def evaluate(
         ],
         "per_example": {n: run.per_example[n] for n in names if n in run.per_example},
         "paired_tests": tests,
+        **tasks.results(names, [(str(a), str(b)) for a, b in cfg.eval.paired_tests]),
         "routing": routing,
         "generations": {n: run.generations[n] for n in names if n in run.generations},
         "base_fingerprint": shared.fingerprint,
@@ -330,12 +342,19 @@ def _routed_group(
                 run.gate = recorder.summary()
         log.info("routed systems scored with %d forwards", scorer.forwards)
         run.timed(label, "score", started)
+        if run.tasks.sets:  # multiple choice: option rows, same scorer, one choice per question
+            started = time.perf_counter()
+            rows = RoutedScorer(model, run.tasks.rows, int(cfg.eval.batch_size), pad_id, device)
+            rows.fill(list(systems.values()))
+            for name, system in systems.items():
+                run.metrics.extend(run.tasks.answered(name, rows.score(system)))
+            run.timed(label, "choices", started)
         if generator is not None:
             started = time.perf_counter()
             for name, system in systems.items():
                 bank.use(system.gate)
                 run.generations[name] = generator.routed(model, system)
-                run.metrics.extend(generation_metrics(name, run.generations[name]))
+                run.metrics.extend(run.tasks.generated(name, run.generations[name]))
             run.timed(label, "generate", started)
         if prompts is not None:
             started = time.perf_counter()
@@ -381,10 +400,15 @@ def _peft_group(
         started = time.perf_counter()
         run.scored(name, score_model(system, run.sets, int(cfg.eval.batch_size), pad_id, device))
         run.timed(name, "score", started)
+        if run.tasks.sets:
+            started = time.perf_counter()
+            rows = score_model(system, run.tasks.rows, int(cfg.eval.batch_size), pad_id, device)
+            run.metrics.extend(run.tasks.answered(name, rows))
+            run.timed(name, "choices", started)
         if generator is not None:
             started = time.perf_counter()
             run.generations[name] = generator.model(system)
-            run.metrics.extend(generation_metrics(name, run.generations[name]))
+            run.metrics.extend(run.tasks.generated(name, run.generations[name]))
             run.timed(name, "generate", started)
         if prompts is not None:
             started = time.perf_counter()

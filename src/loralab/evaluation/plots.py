@@ -117,30 +117,57 @@ def _grouped_bars(
     )
 
 
-def plot_nll(results: Mapping[str, Any]) -> Figure | None:
-    """Mean token NLL per system on each set, with the bootstrap CI as error bars."""
-    sets = sets_with(results, "nll")
-    if not sets:
+def _bars_with_ci(
+    results: Mapping[str, Any], columns: Sequence[tuple[str, str]], ylabel: str, title: str
+) -> tuple[Figure, Any, np.ndarray] | None:
+    """One group of bars per (set, metric) column, one bar per system, CI error bars."""
+    if not columns:
         return None
     table = metric_table(results)
-    systems = [s for s in systems_of(results) if any((s, t, "nll") in table for t in sets)]
-    values = np.array([[metric_value(table, (s, t, "nll")) for t in sets] for s in systems])
-    errors = np.zeros((2, len(systems), len(sets)))
+    systems = [s for s in systems_of(results) if any((s, *c) in table for c in columns)]
+    values = np.array([[metric_value(table, (s, *c)) for c in columns] for s in systems])
+    errors = np.zeros((2, len(systems), len(columns)))
     for i, s in enumerate(systems):
-        for j, t in enumerate(sets):
-            entry = table.get((s, t, "nll"), {})
+        for j, c in enumerate(columns):
+            entry = table.get((s, *c), {})
             if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
                 errors[0, i, j] = values[i, j] - entry["ci_low"]
                 errors[1, i, j] = entry["ci_high"] - values[i, j]
-    fig = _new_figure(max(7.0, 1.4 * len(sets) + 0.25 * len(systems)), 4.5)
+    fig = _new_figure(max(7.0, 1.4 * len(columns) + 0.25 * len(systems)), 4.5)
     ax = fig.add_subplot()
-    _grouped_bars(ax, sets, systems, values, errors)
-    ax.set_ylabel("mean token NLL (nats), 95% CI")
-    ax.set_title("Quality per evaluation set (lower is better)")
+    _grouped_bars(ax, [t for t, _ in columns], systems, values, errors)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig, ax, values
+
+
+def plot_nll(results: Mapping[str, Any]) -> Figure | None:
+    """Mean token NLL per system on each set, with the bootstrap CI as error bars."""
+    drawn = _bars_with_ci(
+        results,
+        [(t, "nll") for t in sets_with(results, "nll")],
+        "mean token NLL (nats), 95% CI",
+        "Quality per evaluation set (lower is better)",
+    )
+    if drawn is None:
+        return None
+    fig, ax, values = drawn
     finite = values[np.isfinite(values)]
     if finite.size:
         ax.set_ylim(max(0.0, 0.9 * finite.min() - 0.1), None)
     return fig
+
+
+def plot_accuracy(results: Mapping[str, Any]) -> Figure | None:
+    """Multiple-choice accuracy and code pass rate per system on each set, with bootstrap CIs."""
+    columns = [(t, m) for m in ("accuracy", "pass_rate") for t in sets_with(results, m)]
+    drawn = _bars_with_ci(
+        results, columns, "accuracy / pass rate, 95% CI", "Task accuracy (higher is better)"
+    )
+    if drawn is None:
+        return None
+    drawn[1].set_ylim(0.0, 1.0)
+    return drawn[0]
 
 
 def plot_gap_recovery(results: Mapping[str, Any]) -> Figure | None:
@@ -306,6 +333,7 @@ PlotFn = Callable[[Mapping[str, Any]], Figure | None]
 PLOTS: dict[str, tuple[str, PlotFn, str]] = {
     # file stem: (title, function, what is missing when it returns None)
     "nll_by_set": ("NLL per system per set", plot_nll, "no `nll` metrics"),
+    "accuracy": ("Task accuracy per system per set", plot_accuracy, "no `accuracy` metrics"),
     "gap_recovery": (
         "Oracle-gap recovery",
         plot_gap_recovery,

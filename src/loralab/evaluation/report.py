@@ -7,6 +7,9 @@ The results dict (filled by the evaluation harness) has fixed keys::
     metrics: [{system, set, metric, value, ci_low, ci_high}],   # one per system x set x metric
     per_example: {system: {set: {nll_sum: [float], n_tokens: [int]}}},
     paired_tests: {"<a>_vs_<b>": {set: {diff, low, high, p_value}}},
+    choice_sets: {set: {n_questions, n_options, ids, groups, answers}},
+    per_question: {system: {set: {pred, pred_norm, correct, correct_norm}}},
+    paired_tests_accuracy: {"<a>_vs_<b>": {set: {diff, low, high, p_value}}},  # 0/1 outcomes
     routing: {router: {labels, accuracy, confusion, per_set_accuracy},
               moelora: {experts, gate_usage: {set: {expert: w}}, heatmaps: [...]}}
 
@@ -38,6 +41,7 @@ from loralab.io_utils import atomic_write_json, atomic_write_text
 
 CSV_COLUMNS = ("system", "set", "metric", "value", "ci_low", "ci_high")
 GENERATION_METRICS = ("rougeL", "pass_rate")
+ACCURACY_METRICS = ("accuracy", "accuracy_norm")
 COST_METRICS = (
     "prefill_tokens_per_s",
     "decode_tokens_per_s",
@@ -187,6 +191,40 @@ def _quality_section(results: Mapping[str, Any], table: Mapping[MetricKey, Any])
     return lines
 
 
+def _accuracy_section(results: Mapping[str, Any], table: Mapping[MetricKey, Any]) -> list[str]:
+    """Multiple-choice accuracy (option likelihood) and the paired tests on 0/1 outcomes."""
+    columns = [(t, m) for t in sets_with(results, "accuracy") for m in ACCURACY_METRICS]
+    lines: list[str] = []
+    if columns:
+        counts = {k: v.get("n_questions") for k, v in (results.get("choice_sets") or {}).items()}
+        lines += [
+            "## Task accuracy: multiple choice by option likelihood (95 % bootstrap CI)",
+            "",
+            "Each option scored as the reply to the question; `accuracy` picks the lowest summed "
+            "NLL, `accuracy_norm` the lowest NLL per option token. Questions: "
+            + ", ".join(f"{t} {n}" for t, n in counts.items()),
+            "",
+        ]
+        lines += _md_table(
+            ["system", *(f"{t} {m}" for t, m in columns)],
+            _pivot(table, systems_of(results), columns),
+        )
+    for name, sets in (results.get("paired_tests_accuracy") or {}).items():
+        a, _, b = name.partition("_vs_")
+        lines += [
+            f"## Paired test: {a} − {b} (accuracy / pass-rate difference)",
+            "",
+            f"Same questions for both; diff > 0 means {a} is right more often; p is two-sided.",
+            "",
+        ]
+        rows = [
+            [t, _fmt(d["diff"]), f"[{_fmt(d['low'])}, {_fmt(d['high'])}]", _fmt(d["p_value"], 4)]
+            for t, d in sets.items()
+        ]
+        lines += _md_table(["set", "diff", "95 % CI", "p"], rows)
+    return lines
+
+
 def _generation_and_cost_section(
     results: Mapping[str, Any], table: Mapping[MetricKey, Any]
 ) -> list[str]:
@@ -194,7 +232,7 @@ def _generation_and_cost_section(
     lines: list[str] = []
     gen_cols = [(t, m) for m in GENERATION_METRICS for t in sets_with(results, m)]
     if gen_cols:
-        lines += ["## Generation (greedy)", ""]
+        lines += ["## Generation (greedy; pass_rate = pass@1, 95 % bootstrap CI)", ""]
         lines += _md_table(
             ["system", *(f"{t} {m}" for t, m in gen_cols)], _pivot(table, systems, gen_cols)
         )
@@ -279,6 +317,7 @@ def render_report(
         lines.append(f"- versions: {versions}")
     lines.append("")
     lines += _quality_section(results, table)
+    lines += _accuracy_section(results, table)
     lines += _generation_and_cost_section(results, table)
     lines += _routing_section(results)
     lines += ["## Plots", ""]

@@ -14,6 +14,7 @@ from loralab.data.batching import collate_examples
 from loralab.data.formatting import EncodedExample, encode_pair
 from loralab.data.mixtures import two_domain_records
 from loralab.data.records import Record, load_domain_split
+from loralab.evaluation.benchmarks import extra_sets
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def build_eval_sets(
     experts: Sequence[str],
 ) -> dict[str, EvalSet]:
     """``eval_cfg.sets`` (``expand_sets``) from the test splits: domain names, ``general`` and
-    ``two_domain`` (every pair of ``experts``)."""
+    ``two_domain`` (every pair of ``experts``); then ``eval_cfg.extra_sets`` of kind ``nll``."""
     sets: dict[str, EvalSet] = {}
     for name in expand_sets([str(n) for n in eval_cfg["sets"]], experts):
         if name == "two_domain":
@@ -73,4 +74,11 @@ def build_eval_sets(
             max_length = int(data_cfg["max_length"])
         examples = [encode_pair(tokenizer, r.instruction, r.response, max_length) for r in records]
         sets[str(name)] = EvalSet(str(name), records, examples)
+    _, extra = extra_sets(data_cfg, eval_cfg.get("extra_sets") or (), list(sets))
+    for name, records in extra.items():  # eval.extra_sets of kind nll
+        examples = [
+            encode_pair(tokenizer, r.instruction, r.response, int(data_cfg["max_length"]))
+            for r in records
+        ]
+        sets[name] = EvalSet(name, records, examples)
     return sets

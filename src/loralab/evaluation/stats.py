@@ -130,7 +130,9 @@ def paired_bootstrap(
     a, b, n = a[keep], b[keep], n[keep]
     total = n.sum()
     low, high = _percentile_interval(a - b, n, n_boot, seed, alpha)
-    if np.array_equal(a, b):
+    if a.size < 2:
+        p_value = math.nan  # one example: no permutation distribution, no test
+    elif np.array_equal(a, b):
         p_value = 1.0  # every swap gives the same difference
     else:
         p_value = stats.permutation_test(

@@ -54,14 +54,15 @@ def comparison_tables(results: Mapping[str, Any]) -> dict[str, tuple[list[Any], 
     if usage:
         rows = [[t, e, w] for t, u in usage.items() for e, w in u.items()]
         tables["moelora/gate_usage"] = (["set", "expert", "mean_gate_weight"], rows)
-    paired = safe.get("paired_tests") or {}
-    if paired:
-        rows = [
-            [name, t, d["diff"], d["low"], d["high"], d["p_value"]]
-            for name, sets in paired.items()
-            for t, d in sets.items()
-        ]
-        tables["paired_tests"] = (["test", "set", "diff", "low", "high", "p_value"], rows)
+    for key in ("paired_tests", "paired_tests_accuracy"):  # NLL; accuracy and pass rate
+        paired = safe.get(key) or {}
+        if paired:
+            rows = [
+                [name, t, d["diff"], d["low"], d["high"], d["p_value"]]
+                for name, sets in paired.items()
+                for t, d in sets.items()
+            ]
+            tables[key] = (["test", "set", "diff", "low", "high", "p_value"], rows)
     return tables
 
 
