@@ -177,18 +177,21 @@ def _quality_section(results: Mapping[str, Any], table: Mapping[MetricKey, Any])
         )
     for name, sets in (results.get("paired_tests") or {}).items():
         a, _, b = name.partition("_vs_")
-        lines += [
-            f"## Paired bootstrap: {a} − {b} (mean NLL difference)",
-            "",
+        lines += _paired_table(
+            f"Paired bootstrap: {a} − {b} (mean NLL difference)",
             f"Same examples for both; diff < 0 means {a} has the lower NLL; p is two-sided.",
-            "",
-        ]
-        rows = [
-            [t, _fmt(d["diff"]), f"[{_fmt(d['low'])}, {_fmt(d['high'])}]", _fmt(d["p_value"], 4)]
-            for t, d in sets.items()
-        ]
-        lines += _md_table(["set", "diff", "95 % CI", "p"], rows)
+            sets,
+        )
     return lines
+
+
+def _paired_table(title: str, reading: str, sets: Mapping[str, Any]) -> list[str]:
+    """One paired test's section: per set the difference, its interval and p-value."""
+    rows = [
+        [t, _fmt(d["diff"]), f"[{_fmt(d['low'])}, {_fmt(d['high'])}]", _fmt(d["p_value"], 4)]
+        for t, d in sets.items()
+    ]
+    return [f"## {title}", "", reading, "", *_md_table(["set", "diff", "95 % CI", "p"], rows)]
 
 
 def _accuracy_section(results: Mapping[str, Any], table: Mapping[MetricKey, Any]) -> list[str]:
@@ -211,17 +214,11 @@ def _accuracy_section(results: Mapping[str, Any], table: Mapping[MetricKey, Any]
         )
     for name, sets in (results.get("paired_tests_accuracy") or {}).items():
         a, _, b = name.partition("_vs_")
-        lines += [
-            f"## Paired test: {a} − {b} (accuracy / pass-rate difference)",
-            "",
+        lines += _paired_table(
+            f"Paired test: {a} − {b} (accuracy / pass-rate difference)",
             f"Same questions for both; diff > 0 means {a} is right more often; p is two-sided.",
-            "",
-        ]
-        rows = [
-            [t, _fmt(d["diff"]), f"[{_fmt(d['low'])}, {_fmt(d['high'])}]", _fmt(d["p_value"], 4)]
-            for t, d in sets.items()
-        ]
-        lines += _md_table(["set", "diff", "95 % CI", "p"], rows)
+            sets,
+        )
     return lines
 
 
