@@ -142,13 +142,20 @@ def test_two_train_experts_runs_started_together_keep_to_their_own_outputs(tmp_p
         assert sorted(p.name for p in (run / "csv").iterdir()) == ["law"]
     assert sorted(seeds.values()) == [1, 2]
 
-    # the same run dir given to two runs at once: the second stops with a clear error
+    # a run dir held by a running job (held here, so the overlap does not depend on timing):
+    # a second job given it stops with a clear error and writes nothing; once free, it runs
+    from loralab.io_utils import exclusive_run_dir
+
     shared = tmp_path / "shared"
-    procs = [_start([*base, f"hydra.run.dir={shared}"], tmp_path) for _ in range(2)]
-    results = [(proc.returncode, proc.communicate(timeout=600)[1]) for proc in procs]
-    results = [(proc.returncode, err) for proc, (_, err) in zip(procs, results, strict=True)]
-    assert sorted(rc for rc, _ in results) == [0, 1]
-    assert any("is in use by another running job" in err for rc, err in results if rc)
+    with exclusive_run_dir(shared):
+        proc = _start([*base, f"hydra.run.dir={shared}"], tmp_path)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 1
+        assert f"{shared} is in use by another running job" in err
+        assert not (shared / "adapters").exists()
+    proc = _start([*base, f"hydra.run.dir={shared}"], tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
     assert (shared / "adapters/law/manifest.json").is_file()
 
 
