@@ -48,3 +48,18 @@ def test_cost_routes_inside_ttft_and_counts_what_each_system_holds(smoke_experts
         assert cost["peak_memory_mb"] > cost["weights_mb"]
     with pytest.raises(ValueError, match=r"lower eval\.cost\.prompt_tokens"):
         cost_prompts(sets, 10_000, 2, torch.device("cpu"))
+
+
+def test_cost_is_measured_for_the_chosen_systems_only():
+    from loralab.evaluation.cost import costed_systems
+
+    names = ["base", "expert_law", "expert_code", "router", "moelora"]
+    experts = ["law", "code"]
+    assert costed_systems(None, names, experts) == set(names)
+    assert costed_systems(["expert_*", "moelora"], names, experts) == {
+        "expert_law",
+        "expert_code",
+        "moelora",
+    }
+    with pytest.raises(ValueError, match=r"eval\.cost\.systems: \['xlora'\] not in eval\.systems"):
+        costed_systems(["router", "xlora"], names, experts)

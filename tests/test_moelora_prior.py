@@ -2,6 +2,8 @@
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -117,34 +119,134 @@ def test_training_with_the_prior_moves_only_the_gate(shared_and_batch):
             model.unload()
 
 
-def test_prior_systems_are_named_in_config_and_use_the_right_gate_and_scale():
-    from loralab.evaluation.build import check_names, gate_of, needs_router, routed_systems
+def test_prior_systems_are_named_in_config_and_use_the_right_gate_scale_and_pooling():
+    from loralab.evaluation.build import (
+        PriorSetting,
+        check_names,
+        gate_of,
+        needs_router,
+        routed_systems,
+    )
 
     names = ["moelora", "moelora_prior", "moelora_prior_infer", "moelora_prior_nobias",
-             "moelora_prior_s2", "moelora_prior_s0.5"]  # fmt: skip
+             "moelora_prior_s2", "moelora_prior_s0.5", "moelora_prior_segments",
+             "moelora_prior_infer_request_s0.5"]  # fmt: skip
     check_names(names, EXPERTS)
-    with pytest.raises(ValueError, match="unknown system"):
-        check_names(["moelora_prior_sx"], EXPERTS)
+    for bad in ("moelora_prior_sx", "moelora_prior_tokens", "moelora_prior_s2_infer"):
+        with pytest.raises(ValueError, match="unknown system"):
+            check_names([bad], EXPERTS)
     assert [gate_of(n) for n in names] == ["moelora", "moelora_prior", "moelora",
-                                           *["moelora_prior"] * 3]  # fmt: skip
-    assert [needs_router(n) for n in names] == [False, True, True, False, True, True]
+                                           *["moelora_prior"] * 4, "moelora"]  # fmt: skip
+    assert [needs_router(n) for n in names] == [False, True, True, False, True, True, True, True]
 
     from types import SimpleNamespace
 
     from loralab.data.records import Record
     from loralab.evaluation.build import RouterChoices
 
-    probs = {"law": 0.7, "code": 0.1, "medical": 0.1, "base": 0.1}
+    request = {"law": 0.7, "code": 0.1, "medical": 0.1, "base": 0.1}
+    segments = {"law": 0.5, "code": 0.5, "medical": 0.0, "base": 0.0}
     choices = RouterChoices.__new__(RouterChoices)  # its decisions, without loading a router
-    choices.experts, choices.decisions = EXPERTS, {"r1": SimpleNamespace(probs=probs)}
+    choices.experts, choices.decisions = EXPERTS, {"r1": SimpleNamespace(probs=request)}
+    choices.pooled = {"r1": segments}
     record = Record("r1", "law", "q", "a")
-    systems = routed_systems(names, EXPERTS, choices, EXPERTS, prior=(1.0, 1e-4))
-    p = slot_probs(probs, EXPERTS)
-    for name, scale in (("moelora_prior", 1.0), ("moelora_prior_infer", 1.0),
-                        ("moelora_prior_s2", 2.0), ("moelora_prior_s0.5", 0.5)):  # fmt: skip
+    trained = PriorSetting(scale=1.0, floor=1e-4, pool="request")
+    systems = routed_systems(names, EXPERTS, choices, EXPERTS, prior=trained)
+    p_request = np.log(np.maximum(slot_probs(request, EXPERTS), 1e-4))
+    p_segments = np.log(np.maximum(slot_probs(segments, EXPERTS), 1e-4))
+    for name, expected in (("moelora_prior", p_request), ("moelora_prior_infer", p_request),
+                           ("moelora_prior_s2", 2 * p_request),
+                           ("moelora_prior_s0.5", 0.5 * p_request),
+                           ("moelora_prior_segments", p_segments),
+                           ("moelora_prior_infer_request_s0.5", 0.5 * p_request)):  # fmt: skip
         bias = systems[name].choose(record)
         assert isinstance(bias, GatePrior)
-        np.testing.assert_allclose(bias.bias, scale * np.log(p), rtol=1e-6)
+        np.testing.assert_allclose(bias.bias, expected, rtol=1e-6)
+    # a gate trained with segment pooling: its prior systems pool so unless named otherwise
+    by_segments = routed_systems(
+        names, EXPERTS, choices, EXPERTS, prior=PriorSetting(pool="segments")
+    )
+    np.testing.assert_allclose(by_segments["moelora_prior"].choose(record).bias, p_segments)
     assert systems["moelora_prior_nobias"].choose(record) is GATE
     with pytest.raises(ValueError, match="needs the router"):
         routed_systems(["moelora_prior"], EXPERTS, None)
+
+
+def test_request_segments_are_paragraphs_with_short_ones_joined():
+    from loralab.routing.prior import request_segments
+
+    law = "A tenant signed a lease and the landlord kept the deposit after the move."
+    code = "Write a Python function that returns the longest increasing subsequence."
+    two = f"Answer both parts.\n\nPart 1:\n{law}\n\nPart 2:\n{code}"
+    assert request_segments(two) == [f"Answer both parts.\n\nPart 1:\n{law}", f"Part 2:\n{code}"]
+    assert request_segments(law) == [law]  # no blank line: one segment
+    assert request_segments(f"{law}\n \n\nThanks!") == [f"{law}\n\nThanks!"]  # short tail
+    assert request_segments("hi") == ["hi"]
+    many = "\n\n".join(f"{law} ({i})" for i in range(10))
+    parts = request_segments(many, max_segments=3)
+    assert len(parts) == 3 and parts[2].count(law) == 8
+
+
+class _KeywordRouter:
+    """Routes a text by the first domain word it contains ("court" -> law ...), a fixed
+    probability; "???" gets no decision (no probabilities)."""
+
+    WORDS: ClassVar[dict[str, str]] = {"court": "law", "python": "code", "patient": "medical"}
+
+    def __init__(self):
+        self.calls = []
+
+    def route_batch(self, texts):
+        self.calls.append(list(texts))
+        out = []
+        for text in texts:
+            label = next((d for w, d in self.WORDS.items() if w in text), "base")
+            probs = {} if "???" in text else {d: 0.02 for d in [*EXPERTS, "base"]}
+            if probs:
+                probs[label] = 0.94
+            out.append(SimpleNamespace(label=label, probs=probs))
+        return out
+
+
+def test_pooled_probabilities_average_the_paragraphs_by_length():
+    from loralab.routing.prior import route_pooled
+
+    law = "The court ruled on the appeal " + "x" * 30  # 60 characters
+    code = "A python loop " + "y" * 106  # 120 characters
+    router = _KeywordRouter()
+    texts = [f"{law}\n\n{code}", law, f"{law}\n\n??? an unclear paragraph, long enough to stand"]
+    pooled = route_pooled(router, texts, "segments")
+    assert router.calls == [[law, code, law, law, "??? an unclear paragraph, long enough to stand"]]
+    assert pooled[0]["law"] == pytest.approx((60 * 0.94 + 120 * 0.02) / 180)
+    assert pooled[0]["code"] == pytest.approx((60 * 0.02 + 120 * 0.94) / 180)
+    assert sum(pooled[0].values()) == pytest.approx(1.0)
+    assert pooled[1]["law"] == pytest.approx(0.94)
+    assert pooled[2]["law"] == pytest.approx(0.94)  # the paragraph without a decision counts 0
+    whole = route_pooled(router, texts[:1], "request")
+    assert whole[0]["law"] == pytest.approx(0.94)  # the whole request names the first domain
+    assert route_pooled(router, ["??? nothing"], "segments") == [{}]
+    with pytest.raises(ValueError, match="pool"):
+        route_pooled(router, texts, "tokens")
+
+
+def test_router_priors_are_cached_per_router_version_and_pooling(tmp_path):
+    from loralab.data.records import Record
+    from loralab.routing.prior import RouterPriors
+    from router import HashingEncoder
+    from tests.router.tests_router_helpers import QUESTIONS, fit_toy_router
+
+    fit_toy_router(HashingEncoder()).save(tmp_path / "router")
+    cache = tmp_path / "priors.json"
+    two = f"{QUESTIONS['law']}\n\n{QUESTIONS['code']}"
+    records = [Record("a", "law", QUESTIONS["law"], "x"), Record("b", "law", two, "y")]
+    whole = RouterPriors(tmp_path / "router", cache, "request")
+    assert whole.prepare(records) == 2 and whole.prepare(records) == 0
+    assert RouterPriors(tmp_path / "router", cache, "request").prepare(records) == 0  # cached
+    split = RouterPriors(tmp_path / "router", cache, "segments")
+    assert split.prepare(records) == 2  # another pooling: routed again, not read from the cache
+    assert split.probs["a"] == pytest.approx(whole.probs["a"])  # one paragraph: the same
+    # the whole request leans to code; its paragraphs, one law and one code, split the prior
+    assert whole.probs["b"]["code"] > 0.7
+    assert split.probs["b"]["law"] > whole.probs["b"]["law"] + 0.2
+    with pytest.raises(ValueError, match="pool"):
+        RouterPriors(tmp_path / "router", cache, "tokens")

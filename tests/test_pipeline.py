@@ -106,6 +106,7 @@ def test_results_name_the_exact_artifacts_evaluated(smoke_run):
     assert priors["model_version"] == router_json["model_version"] and priors["probs"]
     trained = json.loads((prior_gate / "training.json").read_text())["prior"]
     assert trained["router_model_version"] == router_json["model_version"]
+    assert trained["pool"] == priors["pool"] == "segments"  # conf/moelora/quick_cpu.yaml
     classifier = smoke_run / "xlora/xlora/xlora_classifier.safetensors"
     assert artifacts["xlora_classifier"]["classifier_sha256"] == file_sha256(classifier)
 

@@ -7,9 +7,10 @@ is built on the shared base inside ``SharedBase.lend``, used, unloaded, and the 
 
 ``moelora_prior`` and its ablations (the router's probabilities as a prior on the gate logits,
 ``loralab.routing.prior``): ``moelora_prior`` the gate trained with the prior, used with it;
-``moelora_prior_infer`` the plain MoE-LoRA gate with the prior at inference only;
-``moelora_prior_nobias`` the gate trained with the prior, used without it; ``moelora_prior_s<x>``
-the gate trained with the prior, used with the prior at scale ``x``.
+``moelora_prior_nobias`` the gate trained with the prior, used without it; the other names read
+``moelora_prior[_infer][_request|_segments][_s<x>]``: ``_infer`` the plain MoE-LoRA gate with the
+prior at inference only, ``_request`` / ``_segments`` the router's probabilities pooled that way
+instead of the trained pooling, ``_s<x>`` the prior at scale ``x`` instead of the trained scale.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,27 @@ from loralab.baselines import build_arrow, build_xlora
 from loralab.data.records import Record
 from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.systems import Choice, GatePrior, ModelSystem, RoutedSystem, gold_choice
-from loralab.routing.prior import gate_bias, slot_probs
+from loralab.routing.prior import gate_bias, route_pooled, slot_probs
 from loralab.training.xlora import load_xlora_classifier
 
 log = logging.getLogger(__name__)
 
-PRIOR_SYSTEMS = ("moelora_prior", "moelora_prior_infer", "moelora_prior_nobias")
-ROUTED = ("base", "oracle", "merge_cat", "router", "router_soft", "moelora", *PRIOR_SYSTEMS)
-PRIOR_AT_SCALE = re.compile(r"moelora_prior_s(\d+(?:\.\d+)?)")  # moelora_prior_s2, _s0.5
+ROUTED = ("base", "oracle", "merge_cat", "router", "router_soft", "moelora", "moelora_prior_nobias")
+# moelora_prior, moelora_prior_infer, moelora_prior_segments, moelora_prior_infer_request_s0.5, ...
+PRIOR_SYSTEM = re.compile(
+    r"moelora_prior(?P<infer>_infer)?(?:_(?P<pool>request|segments))?(?:_s(?P<scale>\d+(?:\.\d+)?))?"
+)
+
+
+@dataclass(frozen=True)
+class PriorSetting:
+    """How the router prior is applied: ``scale * log max(p, floor)``, p pooled as ``pool``."""
+
+    scale: float = 1.0
+    floor: float = 1e-4
+    pool: str = "request"
+
+
 PEFT_SYSTEMS = ("merge_ties", "xlora", "arrow")
 KNOWN = (*ROUTED, *PEFT_SYSTEMS)
 
@@ -51,13 +66,20 @@ class RouterChoices:
         self.model_version = str(self.router.model_version)
         self.experts = list(experts)
         self.decisions: dict[str, Any] = {}
+        self.pooled: dict[str, dict[str, float]] = {}  # record id -> segment-pooled probabilities
 
-    def prepare(self, records: Sequence[Record]) -> None:
+    def prepare(self, records: Sequence[Record], segments: bool = False) -> None:
+        """Route ``records`` (one batch call); with ``segments``, also each one's paragraphs,
+        pooled (``loralab.routing.prior.route_pooled``), for the prior systems."""
         todo = list({r.id: r for r in records if r.id not in self.decisions}.values())
         if todo:
             decisions = self.router.route_batch([r.instruction for r in todo])
             for r, d in zip(todo, decisions, strict=True):
                 self.decisions[r.id] = d
+        todo = list({r.id: r for r in records if r.id not in self.pooled}.values())
+        if segments and todo:
+            pooled = route_pooled(self.router, [r.instruction for r in todo], "segments")
+            self.pooled.update((r.id, p) for r, p in zip(todo, pooled, strict=True))
 
     def release(self) -> None:
         """Drop the router (its encoder) once no system needs new decisions; keep the decisions."""
@@ -84,26 +106,33 @@ class RouterChoices:
     def live_soft(self, record: Record) -> Choice:
         return self._soft(self.router.route(record.instruction))
 
-    def prior(self, slots: Sequence[str], scale: float, floor: float) -> Callable[[Record], Choice]:
-        """record -> ``GatePrior``: ``scale * log p`` of the router's probabilities over the gate
-        ``slots`` (the decision made for it in ``prepare``)."""
+    def _probs(self, record: Record, pool: str) -> Mapping[str, float]:
+        if pool == "segments":
+            return self.pooled[record.id]
+        return self.decisions[record.id].probs or {}
+
+    def prior(self, slots: Sequence[str], setting: PriorSetting) -> Callable[[Record], Choice]:
+        """record -> ``GatePrior``: the gate-logit prior of the router's probabilities over the
+        gate ``slots`` (decided in ``prepare``)."""
 
         def choose(record: Record) -> Choice:
-            p = slot_probs(self.decisions[record.id].probs, slots)
-            return GatePrior(tuple(float(b) for b in gate_bias(p, scale, floor)))
+            return _gate_prior(self._probs(record, setting.pool), slots, setting)
 
         return choose
 
-    def live_prior(
-        self, slots: Sequence[str], scale: float, floor: float
-    ) -> Callable[[Record], Choice]:
+    def live_prior(self, slots: Sequence[str], setting: PriorSetting) -> Callable[[Record], Choice]:
         """Like ``prior``, deciding afresh (what serving one request runs)."""
 
         def choose(record: Record) -> Choice:
-            p = slot_probs(self.router.route(record.instruction).probs, slots)
-            return GatePrior(tuple(float(b) for b in gate_bias(p, scale, floor)))
+            probs = route_pooled(self.router, [record.instruction], setting.pool)[0]
+            return _gate_prior(probs, slots, setting)
 
         return choose
+
+
+def _gate_prior(probs: Mapping[str, float], slots: Sequence[str], setting: PriorSetting) -> Choice:
+    bias = gate_bias(slot_probs(probs, slots), setting.scale, setting.floor)
+    return GatePrior(tuple(float(b) for b in bias))
 
 
 EACH_EXPERT = "expert_*"  # in eval.systems: expert_<d> for every domain of data.domains
@@ -121,29 +150,30 @@ def expand_systems(names: Sequence[str], experts: Sequence[str]) -> list[str]:
 
 def check_names(names: Sequence[str], experts: Sequence[str]) -> None:
     allowed = {*KNOWN, *(f"expert_{d}" for d in experts)}
-    unknown = [n for n in names if n not in allowed and not PRIOR_AT_SCALE.fullmatch(n)]
+    unknown = [n for n in names if n not in allowed and not PRIOR_SYSTEM.fullmatch(n)]
     if unknown:
         raise ValueError(f"eval.systems: unknown system(s) {unknown}; known: {sorted(allowed)}")
 
 
 def is_routed(name: str) -> bool:
-    return name in ROUTED or name.startswith("expert_") or bool(PRIOR_AT_SCALE.fullmatch(name))
+    return name in ROUTED or name.startswith("expert_") or bool(PRIOR_SYSTEM.fullmatch(name))
 
 
 def gate_of(name: str) -> str | None:
     """The trained gate a routed system runs: ``moelora``, ``moelora_prior`` or None (none)."""
-    if name in ("moelora", "moelora_prior_infer"):
+    if name == "moelora":
         return "moelora"
-    if name.startswith("moelora_prior"):
+    if name == "moelora_prior_nobias":
         return "moelora_prior"
-    return None
+    m = PRIOR_SYSTEM.fullmatch(name)
+    if m is None:
+        return None
+    return "moelora" if m["infer"] else "moelora_prior"
 
 
 def needs_router(name: str) -> bool:
     """Whether a system reads the router's decisions."""
-    return name in ("router", "router_soft") or (
-        name.startswith("moelora_prior") and name != "moelora_prior_nobias"
-    )
+    return name in ("router", "router_soft") or bool(PRIOR_SYSTEM.fullmatch(name))
 
 
 def groups(names: Sequence[str]) -> list[list[str]]:
@@ -169,10 +199,10 @@ def routed_systems(
     experts: Sequence[str],
     choices: RouterChoices | None,
     slots: Sequence[str] = (),
-    prior: tuple[float, float] = (1.0, 1e-4),
+    prior: PriorSetting = PriorSetting(),
 ) -> dict[str, RoutedSystem]:
     """The routed systems among ``names`` (those in ``needs_router`` need ``choices``; the prior
-    systems the gate ``slots`` and the trained ``prior`` (scale, floor))."""
+    systems the gate ``slots`` and the ``prior`` setting the prior gate was trained with)."""
     from moelora import GATE
 
     uniform = {d: 1.0 / len(experts) for d in experts}  # PEFT's `cat` merge with equal weights
@@ -190,13 +220,16 @@ def routed_systems(
             out[name] = RoutedSystem(name, constant(GATE), gate=gate_of(name))
         elif needs_router(name) and choices is None:
             raise ValueError(f"system {name!r} needs the router's decisions")
-        elif name.startswith("moelora_prior") and choices is not None:
-            m = PRIOR_AT_SCALE.fullmatch(name)
-            scale, floor = (float(m.group(1)) if m else prior[0]), prior[1]
+        elif (m := PRIOR_SYSTEM.fullmatch(name)) and choices is not None:
+            setting = replace(
+                prior,
+                scale=float(m["scale"]) if m["scale"] else prior.scale,
+                pool=m["pool"] or prior.pool,
+            )
             out[name] = RoutedSystem(
                 name,
-                choices.prior(slots, scale, floor),
-                choices.live_prior(slots, scale, floor),
+                choices.prior(slots, setting),
+                choices.live_prior(slots, setting),
                 gate=gate_of(name),
             )
         elif name in ("router", "router_soft") and choices is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from loralab.data.records import Record
+from loralab.evaluation.build import expand_systems
 from loralab.evaluation.sets import EvalSet
 from loralab.evaluation.systems import (
     ModelSystem,
@@ -32,6 +33,20 @@ from loralab.evaluation.systems import (
 from loralab.measurement import MIB, PeakMemory, time_calls, weights_bytes
 
 COST_SET = "cost"
+
+
+def costed_systems(
+    wanted: Sequence[str] | None, names: Sequence[str], experts: Sequence[str]
+) -> set[str]:
+    """The systems whose cost is measured: ``eval.cost.systems`` (``expert_*`` expanded; null =
+    every evaluated system), each of which must be evaluated."""
+    if wanted is None:
+        return set(names)
+    chosen = expand_systems([str(n) for n in wanted], experts)
+    missing = [n for n in chosen if n not in names]
+    if missing:
+        raise ValueError(f"eval.cost.systems: {missing} not in eval.systems {list(names)}")
+    return set(chosen)
 
 
 def cost_prompts(

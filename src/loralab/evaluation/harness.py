@@ -27,7 +27,9 @@ from loralab.base_model import load_base_model, resolve_device, weights_fingerpr
 from loralab.config import to_container
 from loralab.data.records import Record
 from loralab.evaluation.build import (
+    PRIOR_SYSTEM,
     GateBank,
+    PriorSetting,
     RouterChoices,
     check_names,
     expand_systems,
@@ -43,6 +45,7 @@ from loralab.evaluation.build import (
 from loralab.evaluation.cost import (
     cost_metrics,
     cost_prompts,
+    costed_systems,
     measure_cost,
     served_model,
     served_routed,
@@ -185,6 +188,7 @@ def evaluate(
     experts = [str(d) for d in cfg.data.domains]
     names = expand_systems([str(n) for n in cfg.eval.systems], experts)
     check_names(names, experts)
+    costed = costed_systems(cfg.eval.cost.get("systems"), names, experts)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     materialize_weights(base)  # the CPU peak memory then counts the weights, as CUDA's does
     shared = SharedBase(base, weights_fingerprint(base))
@@ -228,7 +232,8 @@ def evaluate(
                 records = [r for s in (*sets.values(), *tasks.rows.values()) for r in s.records]
                 if generator is not None:
                     records += [i.record for items in generator.sets.values() for i in items]
-                choices.prepare(records + (prompts[1] if prompts else []))
+                segments = any(PRIOR_SYSTEM.fullmatch(n) for n in group)
+                choices.prepare(records + (prompts[1] if prompts else []), segments)
             folders = {"moelora": moelora_dir, "moelora_prior": moelora_prior_dir}
             gates = {
                 g: need(folders[g], f"trained {g} gate folder", n)
@@ -236,14 +241,15 @@ def evaluate(
                 if (g := gate_of(n)) is not None
             }
             _routed_group(
-                run, group, shared, adapters, gates, choices, generator, prompts, tokenizer,
-                pad_id, device,
+                run, group, shared, adapters, gates, choices, generator,
+                prompts if costed.intersection(group) else None, costed, tokenizer, pad_id, device,
             )  # fmt: skip
             if choices is not None:
                 choices.release()
         else:
+            measured = prompts if group[0] in costed else None
             _peft_group(
-                run, group[0], shared, adapters, xlora_dir, generator, prompts, pad_id, device
+                run, group[0], shared, adapters, xlora_dir, generator, measured, pad_id, device
             )
         log.info("%s: done in %.0f s", "+".join(group), time.perf_counter() - group_started)
     run.metrics.extend(gap_recovery_metrics(run.metrics))
@@ -317,11 +323,13 @@ def _routed_group(
     choices: RouterChoices | None,
     generator: Generator | None,
     prompts: tuple[torch.Tensor, list[Record]] | None,
+    costed: set[str],
     tokenizer: Any,
     pad_id: int,
     device: torch.device,
 ) -> None:
-    """Every routed system on one MoE-LoRA model: score, generate, cost; then unload."""
+    """Every routed system on one MoE-LoRA model: score, generate, cost (of ``costed``); then
+    unload."""
     cfg = run.cfg
     label = "routed"
     first = next(iter(gates), None)
@@ -360,6 +368,8 @@ def _routed_group(
             started = time.perf_counter()
             ids, records = prompts
             for name, system in systems.items():
+                if name not in costed:
+                    continue
                 bank.use(system.gate)
                 values = measure_cost(
                     served_routed(model, system, records),
@@ -372,15 +382,21 @@ def _routed_group(
             run.timed(label, "cost", started)
 
 
-def prior_setting(cfg: DictConfig, prior_gate: Path | None) -> tuple[float, float]:
-    """(scale, floor) of the router prior: what the prior gate was trained with (its
-    training.json), else ``moelora.prior`` of the config."""
+def prior_setting(cfg: DictConfig, prior_gate: Path | None) -> PriorSetting:
+    """The router prior's setting: what the prior gate was trained with (its training.json; a
+    gate from before pooling was trained on whole requests), else ``moelora.prior`` of the config."""
     if prior_gate is not None and (prior_gate / "training.json").is_file():
         trained = json.loads((prior_gate / "training.json").read_text(encoding="utf-8"))["prior"]
         if trained:
-            return float(trained["scale"]), float(trained["floor"])
-    p = cfg.get("moelora", {}).get("prior") or {"scale": 1.0, "floor": 1e-4}
-    return float(p["scale"]), float(p["floor"])
+            pool = str(trained.get("pool", "request"))
+            return PriorSetting(float(trained["scale"]), float(trained["floor"]), pool)
+    p = cfg.get("moelora", {}).get("prior") or {}
+    default = PriorSetting()
+    return PriorSetting(
+        float(p.get("scale", default.scale)),
+        float(p.get("floor", default.floor)),
+        str(p.get("pool", default.pool)),
+    )
 
 
 def _peft_group(

@@ -8,6 +8,12 @@ softmax(logits / T). The ``base`` mass goes to the ``none`` slot when the gate h
 it, it is spread evenly over the experts (a request the router sends to the base model puts no
 preference on the gate, which then routes on its own).
 
+Pooling (``moelora.prior.pool``): ``request`` routes the whole request once; ``segments`` routes
+each of its paragraphs (``request_segments``) and averages their probabilities weighted by length.
+A request that asks two things in two paragraphs gets a prior split between its two domains (the
+whole-request decision names one of them with confidence), and the gate chooses between those two
+token by token; a single-domain request keeps a sharp prior (its paragraphs agree).
+
 ``RouterPriors`` routes records once and caches their probabilities in a JSON file keyed by the
 router's model version, so the gate's training data is routed once per router.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,62 @@ from loralab.io_utils import atomic_write_json
 log = logging.getLogger(__name__)
 
 NONE_SLOT = "none"  # moelora's null-expert slot
+POOLS = ("request", "segments")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+def request_segments(text: str, min_chars: int = 40, max_segments: int = 8) -> list[str]:
+    """The request's paragraphs (split at blank lines) for routing one by one: a paragraph shorter
+    than ``min_chars`` (a heading, "Part 2:") joins the next one (the last joins the one before);
+    beyond ``max_segments`` the rest joins the last. A request without a blank line is one segment."""
+    out: list[str] = []
+    pending = ""
+    for part in _PARAGRAPH_BREAK.split(text):
+        part = f"{pending}\n\n{part.strip()}" if pending else part.strip()
+        if not part:
+            continue
+        if len(part) < min_chars:
+            pending = part
+            continue
+        pending = ""
+        if len(out) == max_segments:
+            out[-1] = f"{out[-1]}\n\n{part}"
+        else:
+            out.append(part)
+    if pending:
+        if out:
+            out[-1] = f"{out[-1]}\n\n{pending}"
+        else:
+            out.append(pending)
+    return out or [text]
+
+
+def route_pooled(router: Any, texts: Sequence[str], pool: str) -> list[dict[str, float]]:
+    """The router's label probabilities for each of ``texts``, pooled as ``pool`` says (one batch
+    call for all texts or all their segments). A segment the router gives no probabilities (no
+    decision) counts for nothing; a text none of whose segments has any gets ``{}``."""
+    if pool not in POOLS:
+        raise ValueError(f"moelora.prior.pool must be one of {POOLS}, got {pool!r}")
+    if pool == "request":
+        return [_probs(d) for d in router.route_batch(list(texts))]
+    segments = [request_segments(t) for t in texts]
+    decisions = iter(router.route_batch([s for parts in segments for s in parts]))
+    out = []
+    for parts in segments:
+        total: dict[str, float] = {}
+        weight = 0.0
+        for part in parts:
+            probs = _probs(next(decisions))
+            if probs:
+                weight += len(part)
+                for label, p in probs.items():
+                    total[label] = total.get(label, 0.0) + len(part) * p
+        out.append({label: p / weight for label, p in total.items()} if weight else {})
+    return out
+
+
+def _probs(decision: Any) -> dict[str, float]:
+    return {str(k): float(v) for k, v in (decision.probs or {}).items()}
 
 
 def slot_probs(probs: Mapping[str, float], slots: Sequence[str]) -> np.ndarray:
@@ -54,33 +117,40 @@ def gate_bias(p_slots: Any, scale: float, floor: float) -> Any:
 
 
 class RouterPriors:
-    """Router probabilities per record id, routed once and cached in ``cache_file`` (JSON)."""
+    """Router probabilities per record id (pooled as ``pool``), routed once and cached in
+    ``cache_file`` (JSON, valid for the same router version and pooling)."""
 
-    def __init__(self, router_dir: str | Path, cache_file: str | Path | None = None) -> None:
+    def __init__(
+        self, router_dir: str | Path, cache_file: str | Path | None = None, pool: str = "request"
+    ) -> None:
         import router
 
+        if pool not in POOLS:
+            raise ValueError(f"moelora.prior.pool must be one of {POOLS}, got {pool!r}")
         self.router: Any = router.load(router_dir)
         self.model_version = str(self.router.model_version)
+        self.pool = pool
         self.cache_file = None if cache_file is None else Path(cache_file)
         self.probs: dict[str, dict[str, float]] = {}
         if self.cache_file is not None and self.cache_file.is_file():
             saved = json.loads(self.cache_file.read_text(encoding="utf-8"))
-            if saved.get("model_version") == self.model_version:
+            key = (saved.get("model_version"), saved.get("pool", "request"))
+            if key == (self.model_version, self.pool):
                 self.probs = {str(k): dict(v) for k, v in saved["probs"].items()}
             else:
-                log.info("%s: routed by another router version; routing again", self.cache_file)
+                log.info("%s: routed by another router version or pooling; routing again",
+                         self.cache_file)  # fmt: skip
 
     def prepare(self, records: Sequence[Record]) -> int:
         """Route the records not routed yet (one batch call); returns how many were routed."""
         todo = list({r.id: r for r in records if r.id not in self.probs}.values())
         if todo:
-            decisions = self.router.route_batch([r.instruction for r in todo])
-            for r, d in zip(todo, decisions, strict=True):
-                self.probs[r.id] = {str(k): float(v) for k, v in (d.probs or {}).items()}
+            pooled = route_pooled(self.router, [r.instruction for r in todo], self.pool)
+            for r, probs in zip(todo, pooled, strict=True):
+                self.probs[r.id] = probs
             if self.cache_file is not None:
-                atomic_write_json(
-                    self.cache_file, {"model_version": self.model_version, "probs": self.probs}
-                )
+                saved = {"model_version": self.model_version, "pool": self.pool}
+                atomic_write_json(self.cache_file, {**saved, "probs": self.probs})
         log.info("router priors: %d records routed, %d from the cache", len(todo),
                  len(records) - len(todo))  # fmt: skip
         return len(todo)

@@ -259,12 +259,19 @@ def _router_prior(
         return None, None, None
     if not cfg.get("router_dir"):
         raise ValueError("moelora.prior.enabled=true needs router_dir (a saved router folder)")
-    priors = RouterPriors(str(cfg.router_dir), Path(cfg.paths.output_dir) / "router_priors.json")
+    pool = str(prior_cfg.get("pool", "request"))
+    cache = Path(cfg.paths.output_dir) / "router_priors.json"
+    priors = RouterPriors(str(cfg.router_dir), cache, pool)
     plain = DomainDataModule(cfg.data, tokenizer, domains)
     priors.prepare(plain.records("train") + plain.records("val"))
     priors.release()
     scale, floor = float(prior_cfg.scale), float(prior_cfg.floor)
-    info = {"scale": scale, "floor": floor, "router_model_version": priors.model_version}
+    info = {
+        "scale": scale,
+        "floor": floor,
+        "pool": pool,
+        "router_model_version": priors.model_version,
+    }
     return (scale, floor), lambda record: priors.of(record, slots), info
 
 
