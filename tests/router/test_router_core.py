@@ -8,11 +8,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from tests_router_helpers import DESCRIPTIONS, LABELS, QUESTIONS, router_with_probs, toy_split
+from tests_router_helpers import LABELS, QUESTIONS, fit_toy_router, router_with_probs, toy_split
 
 from router import HashingEncoder, Reason, Router, Thresholds
 from router.calibration import softmax
-from router.fitting import FitConfig, fit_router
 
 
 def test_routes_each_domain_confidently(toy_router: Router) -> None:
@@ -144,19 +143,8 @@ def test_fitted_temperature_and_thresholds_follow_their_rules_on_validation(
 def test_max_risk_zero_keeps_the_experts_more_confident_than_every_expert_error(
     hashing_encoder: HashingEncoder,
 ) -> None:
-    x_train, y_train = toy_split(hashing_encoder, 60, seed=0)
-    x_val, y_val = toy_split(hashing_encoder, 20, seed=1)
-    cfg = FitConfig(c=10.0, prior_weight=0.5, prototypes_per_label=0, max_risk=0.0)
-    router = fit_router(
-        hashing_encoder,
-        LABELS,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        descriptions=DESCRIPTIONS,
-        config=cfg,
-    )
+    router = fit_toy_router(hashing_encoder, prototypes_per_label=0, max_risk=0.0)
+    x_val, y_val = toy_split(hashing_encoder, 20, seed=1)  # the helper's validation split
     probs = router.scores(x_val).probs
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)
     expert = pred != LABELS.index("base")

@@ -1,4 +1,5 @@
-"""Run every system on every evaluation set and collect the results dict (see ``report.py``).
+"""Run every system on every evaluation set and collect the results dict (schema: ``report.py``;
+the summaries computed at the end: ``results.py``).
 
 The base model is loaded once. Systems are built on it group by group (``build.groups``): the
 request-level systems and MoE-LoRA on one MoE-LoRA model, then each PEFT system; each group scores
@@ -10,21 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning import seed_everything
 from omegaconf import DictConfig
 
-from loralab.artifacts import read_manifest, verify_adapter
+from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, resolve_device, weights_fingerprint
-from loralab.config import to_container
 from loralab.data.records import Record
 from loralab.evaluation.build import (
     PRIOR_SYSTEM,
@@ -51,12 +48,18 @@ from loralab.evaluation.cost import (
     served_routed,
 )
 from loralab.evaluation.generation import Generator, generation_sets
+from loralab.evaluation.results import (
+    evaluated_artifacts,
+    final_metrics,
+    paired_nll_tests,
+    provenance,
+    routing_summary,
+)
 from loralab.evaluation.sandbox import isolation
 from loralab.evaluation.scoring import GateRecorder, RoutedScorer, Scored, score_model
 from loralab.evaluation.sets import EvalSet, build_eval_sets
 from loralab.evaluation.shared_base import SharedBase
-from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests
-from loralab.evaluation.systems import gold_label
+from loralab.evaluation.stats import nll_metrics
 from loralab.evaluation.tasks import TaskScores, load_choice_sets
 from loralab.measurement import (
     allocator_in_use,
@@ -66,76 +69,8 @@ from loralab.measurement import (
     reset_peak_rss,
     set_threads,
 )
-from loralab.provenance import git_commit, package_versions
 
 log = logging.getLogger(__name__)
-
-
-def routing_summary(
-    choices: RouterChoices, sets: Mapping[str, EvalSet], experts: Sequence[str]
-) -> dict[str, Any]:
-    """Router accuracy and confusion on the single-domain sets; on two-domain sets a pick of
-    either gold domain counts as right."""
-    labels = [*experts, "base"]
-    confusion = np.zeros((len(labels), len(labels)), dtype=int)
-    per_set: dict[str, float] = {}
-    latencies: list[float] = []
-    for name, eval_set in sets.items():
-        right = 0
-        for r in eval_set.records:
-            decision = choices.decisions[r.id]
-            latencies.append(decision.latency_ms)
-            if "+" in r.domain:
-                right += decision.label in r.domain.split("+")
-                continue
-            gold = gold_label(r, experts)
-            confusion[labels.index(gold), labels.index(decision.label)] += 1
-            right += decision.label == gold
-        per_set[name] = right / max(1, len(eval_set.records))
-    total = int(confusion.sum())
-    return {
-        "labels": labels,
-        "accuracy": float(np.trace(confusion) / total) if total else float("nan"),
-        "confusion": confusion.tolist(),
-        "per_set_accuracy": per_set,
-        "latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else None,
-    }
-
-
-def evaluated_artifacts(
-    manifests: Mapping[str, Mapping[str, Any]],
-    systems: Sequence[str],
-    choices: RouterChoices | None,
-    moelora_dir: str | Path | None,
-    xlora_dir: str | Path | None,
-    moelora_prior_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """The exact files evaluated: each adapter's sha256 (weights and config), the router's model
-    version, the MoE-LoRA gates' and the X-LoRA classifier's sha256 (those of the systems run)."""
-    out: dict[str, Any] = {
-        "adapters": {
-            d: {
-                "adapter_sha256": m["adapter_sha256"],
-                "adapter_config_sha256": m["adapter_config_sha256"],
-            }
-            for d, m in manifests.items()
-        }
-    }
-    if choices is not None:
-        out["router"] = {"model_version": choices.model_version}
-    from moelora import read_gate_metadata
-
-    gates = {gate_of(n) for n in systems}
-    if "moelora" in gates and moelora_dir is not None:
-        out["moelora_gate"] = {"gate_sha256": read_gate_metadata(moelora_dir)["gate_sha256"]}
-    if "moelora_prior" in gates and moelora_prior_dir is not None:
-        out["moelora_prior_gate"] = {
-            "gate_sha256": read_gate_metadata(moelora_prior_dir)["gate_sha256"]
-        }
-    if "xlora" in systems and xlora_dir is not None:
-        xlora_manifest = read_manifest(xlora_dir)
-        out["xlora_classifier"] = {"classifier_sha256": xlora_manifest["classifier_sha256"]}
-    return out
 
 
 class _Run:
@@ -252,47 +187,23 @@ def evaluate(
                 run, group[0], shared, adapters, xlora_dir, generator, measured, pad_id, device
             )
         log.info("%s: done in %.0f s", "+".join(group), time.perf_counter() - group_started)
-    run.metrics.extend(gap_recovery_metrics(run.metrics))
-    order = {name: i for i, name in enumerate(names)}
-    run.metrics.sort(key=lambda m: order.get(m["system"], len(order)))
     routing: dict[str, Any] = {}
     if choices is not None:
         routing["router"] = routing_summary(choices, sets, experts)
     if run.gate is not None:
         routing["moelora"] = run.gate
-    boot = cfg.eval.bootstrap
-    tests = {}
-    for a, b in cfg.eval.paired_tests:
-        if a in run.per_example and b in run.per_example:
-            tests[f"{a}_vs_{b}"] = paired_tests(
-                run.per_example, a, b, int(boot.n), int(boot.seed), float(boot.alpha)
-            )
+    pairs = [(str(a), str(b)) for a, b in cfg.eval.paired_tests]
     peak_rss = process_peak_rss_bytes()
     return {
-        "experiment": str(cfg.get("experiment_name") or cfg.get("task_name")),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "versions": package_versions(),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({threads} threads)",
-        "config": to_container(cfg),
+        **provenance(cfg, device, threads),
         "domains": experts,
         "systems": names,
         "sets": list(sets),
         "n_examples": {name: len(s.records) for name, s in sets.items()},
-        "metrics": [
-            m
-            for m in run.metrics
-            if not (
-                isinstance(m["value"], float)
-                and math.isnan(m["value"])
-                and m["metric"] != "gap_recovery"
-            )
-        ],
+        "metrics": final_metrics(run.metrics, names),
         "per_example": {n: run.per_example[n] for n in names if n in run.per_example},
-        "paired_tests": tests,
-        **tasks.results(names, [(str(a), str(b)) for a, b in cfg.eval.paired_tests]),
+        "paired_tests": paired_nll_tests(run.per_example, pairs, cfg.eval.bootstrap),
+        **tasks.results(names, pairs),
         "routing": routing,
         "generations": {n: run.generations[n] for n in names if n in run.generations},
         "base_fingerprint": shared.fingerprint,

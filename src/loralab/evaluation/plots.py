@@ -2,13 +2,13 @@
 
 Each ``plot_*`` function takes the results dict and returns a matplotlib ``Figure``, or ``None`` when
 the data it needs is absent, so the report, W&B logging and ``notebooks/compare.ipynb`` draw the
-same pictures. Figures are built without pyplot (Agg canvas), so nothing here touches global
-backend state and a figure is freed once it goes out of scope.
+same pictures. Here: reading the metrics, the head-to-head plots (quality, accuracy, gap recovery,
+quality vs speed) and ``PLOTS``, every plot of the report; the router and gate plots are in
+``routing_plots.py``, figure making and saving in ``figures.py``.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,11 +16,15 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from loralab.evaluation.figures import new_figure, save_plot
+from loralab.evaluation.routing_plots import (
+    plot_gate_heatmaps,
+    plot_gate_usage,
+    plot_router_confusion,
+)
 from loralab.evaluation.stats import pareto_front
-from loralab.io_utils import atomic_write_bytes
 
 BASE, ORACLE = "base", "oracle"
 REFERENCE_SYSTEMS = (BASE, ORACLE)  # gap recovery is 0 and 1 for them by definition
@@ -76,13 +80,7 @@ def mean_domain_nll(results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-# ----------------------------------------------------------------------------- plots
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+# ------------------------------------------------------------------------- head-to-head plots
 
 
 def _grouped_bars(
@@ -133,7 +131,7 @@ def _bars_with_ci(
             if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
                 errors[0, i, j] = values[i, j] - entry["ci_low"]
                 errors[1, i, j] = entry["ci_high"] - values[i, j]
-    fig = _new_figure(max(7.0, 1.4 * len(columns) + 0.25 * len(systems)), 4.5)
+    fig = new_figure(max(7.0, 1.4 * len(columns) + 0.25 * len(systems)), 4.5)
     ax = fig.add_subplot()
     _grouped_bars(ax, [t for t, _ in columns], systems, values, errors)
     ax.set_ylabel(ylabel)
@@ -190,7 +188,7 @@ def plot_gap_recovery(results: Mapping[str, Any]) -> Figure | None:
     values = np.array(
         [[metric_value(table, (s, t, "gap_recovery")) for s in systems] for t in sets]
     )
-    fig = _new_figure(min(14.0, 0.8 * len(systems) + 3), 4.5)
+    fig = new_figure(min(14.0, 0.8 * len(systems) + 3), 4.5)
     ax = fig.add_subplot()
     _grouped_bars(ax, systems, sets, values)
     ax.axhline(0.0, color="black", lw=0.8)
@@ -216,7 +214,7 @@ def plot_pareto(results: Mapping[str, Any]) -> Figure | None:
     reference = np.array([n == ORACLE for n in names])
     front = np.zeros(len(names), dtype=bool)
     front[~reference] = pareto_front(loss[~reference], speed[~reference])
-    fig = _new_figure(7.0, 4.8)
+    fig = new_figure(7.0, 4.8)
     ax = fig.add_subplot()
     dominated = ~front & ~reference
     ax.scatter(speed[dominated], loss[dominated], color="grey", label="dominated")
@@ -232,100 +230,6 @@ def plot_pareto(results: Mapping[str, Any]) -> Figure | None:
     ax.set_ylabel(f"mean NLL over {', '.join(domains_of(results))} (lower is better)")
     ax.set_title("Quality vs decode speed")
     ax.legend(fontsize="small")
-    return fig
-
-
-def _annotated_heatmap(
-    ax: Any,
-    data: np.ndarray,
-    rows: Sequence[str],
-    cols: Sequence[str],
-    labels: np.ndarray,
-    cmap: str = "viridis",
-    vmax: float | None = None,
-) -> Any:
-    """``data[rows, cols]`` as colors from 0 to ``vmax`` (default: its max), ``labels`` written on top."""
-    top = max(1e-9, float(np.nanmax(data))) if vmax is None else vmax
-    image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=top)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(rows)), rows)
-    rgb = image.cmap(image.norm(np.nan_to_num(data)))[..., :3]
-    light = rgb @ np.array([0.299, 0.587, 0.114]) > 0.5  # text dark on light cells, light on dark
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            color = "black" if light[i, j] else "white"
-            ax.text(j, i, labels[i, j], ha="center", va="center", color=color, fontsize="small")
-    return image
-
-
-def plot_router_confusion(results: Mapping[str, Any]) -> Figure | None:
-    """The router's confusion matrix: counts, colored by share of each true class."""
-    router = (results.get("routing") or {}).get("router")
-    if not router or "confusion" not in router:
-        return None
-    counts = np.asarray(router["confusion"], dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-    labels = router["labels"]
-    fig = _new_figure(1.2 * len(labels) + 2.5, 1.1 * len(labels) + 1.5)
-    ax = fig.add_subplot()
-    image = _annotated_heatmap(ax, share, labels, labels, counts.astype(int), "Blues", vmax=1.0)
-    fig.colorbar(image, ax=ax, label="share of true class")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    accuracy = router.get("accuracy")
-    ax.set_title(
-        "Router confusion" + (f" (accuracy {accuracy:.3f})" if accuracy is not None else "")
-    )
-    return fig
-
-
-def plot_gate_usage(results: Mapping[str, Any]) -> Figure | None:
-    """MoE-LoRA mean gate weight per expert (rows) on each domain set (columns)."""
-    moe = (results.get("routing") or {}).get("moelora")
-    if not moe or not moe.get("gate_usage"):
-        return None
-    usage = moe["gate_usage"]
-    sets = list(usage)
-    experts = list(moe.get("experts") or dict.fromkeys(e for u in usage.values() for e in u))
-    data = np.array([[float(usage[s].get(e, math.nan)) for s in sets] for e in experts])
-    fig = _new_figure(1.1 * len(sets) + 2.5, 0.9 * len(experts) + 1.8)
-    ax = fig.add_subplot()
-    text = np.vectorize(lambda v: f"{v:.2f}")(data)
-    image = _annotated_heatmap(ax, data, experts, sets, text)
-    fig.colorbar(image, ax=ax, label="mean gate weight")
-    ax.set_xlabel("evaluation set")
-    ax.set_ylabel("expert")
-    ax.set_title("MoE-LoRA gate usage")
-    return fig
-
-
-def plot_gate_heatmaps(results: Mapping[str, Any], max_examples: int = 3) -> Figure | None:
-    """Per-token gate weights (experts x tokens) of a few two-domain examples."""
-    moe = (results.get("routing") or {}).get("moelora") or {}
-    examples = list(moe.get("heatmaps") or [])[:max_examples]
-    if not examples:
-        return None
-    experts = list(moe.get("experts") or [])
-    longest = max(len(ex["tokens"]) for ex in examples)
-    fig = _new_figure(min(18.0, max(7.0, 0.16 * longest + 2)), 2.3 * len(examples))
-    axes = fig.subplots(len(examples), 1, squeeze=False)[:, 0]
-    image: Any = None
-    for ax, ex in zip(axes, examples, strict=True):
-        weights = np.asarray(ex["weights"], dtype=np.float64)  # [tokens, experts]
-        image = ax.imshow(
-            weights.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest"
-        )
-        n_experts = weights.shape[1]
-        rows = experts if len(experts) == n_experts else [str(i) for i in range(n_experts)]
-        ax.set_yticks(range(len(rows)), rows)
-        step = max(1, math.ceil(len(ex["tokens"]) / 80))
-        ax.set_xticks(
-            range(0, len(ex["tokens"]), step), ex["tokens"][::step], rotation=90, fontsize=6
-        )
-        ax.set_title(" + ".join(ex.get("domains") or []), fontsize="small")
-    fig.colorbar(image, ax=list(axes), label="gate weight (mean over layers)")
-    fig.suptitle("MoE-LoRA per-token gate weights on two-domain requests")
     return fig
 
 
@@ -362,38 +266,6 @@ PLOTS: dict[str, tuple[str, PlotFn, str]] = {
 }
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
-    """Write a PNG atomically (temp file in the same folder + rename)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_gate_usage_by_layer(usage: Mapping[str, Any]) -> Figure:
-    """Gate training's validation usage: one panel per domain, mean gate weight per wrapped layer
-    (rows, model order) and slot (columns); ``usage`` is ``GateTrainingModule.last_usage``."""
-    domains, slots = usage["domains"], usage["slots"]
-    fig = _new_figure(2.2 * len(domains) + 1, 6)
-    axes = fig.subplots(1, len(domains), squeeze=False)[0]
-    images = []
-    for ax, domain, grid in zip(axes, domains, usage["per_layer"], strict=True):  # grid [L, S]
-        image = ax.imshow(
-            grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest"
-        )
-        ax.set_title(f"{domain} tokens")
-        ax.set_xticks(range(len(slots)), slots, rotation=45)
-        images.append(image)
-    axes[0].set_ylabel("wrapped layer (model order)")
-    fig.colorbar(images[0], ax=axes.tolist(), label="mean gate weight")
-    return fig
-
-
-def save_plot(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (atomically) and return the path."""
-    _save_figure(fig, Path(path))
-    return Path(path)
-
-
 def write_plots(
     results: Mapping[str, Any], plot_dir: str | Path
 ) -> tuple[dict[str, Path], dict[str, str]]:
@@ -405,6 +277,5 @@ def write_plots(
             skipped[stem] = missing
             continue
         path = Path(plot_dir) / f"{stem}.png"
-        _save_figure(fig, path)
-        written[stem] = path
+        written[stem] = save_plot(fig, path)
     return written, skipped

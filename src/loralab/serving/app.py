@@ -136,6 +136,18 @@ def _check_key(request: Request, key: str | None) -> None:
 def _cards(state: ServingState) -> list[ModelCard]:
     created = min((a.created for a in state.registry.adapters()), default=0)
     length = state.settings.max_model_len
+
+    def _virtual_card(model_id: str, info: dict[str, Any]) -> ModelCard:
+        """A name served over the base weights alone (``auto``, ``moe``): no root of its own."""
+        return ModelCard(
+            id=model_id,
+            created=created,
+            root=state.base_name,
+            parent=state.base_name,
+            max_model_len=length,
+            loralab=info,
+        )
+
     cards = [
         ModelCard(
             id="base",
@@ -151,28 +163,10 @@ def _cards(state: ServingState) -> list[ModelCard]:
             "labels": list(state.router.labels),
             "model_version": state.router.model_version,
         }
-        cards.append(
-            ModelCard(
-                id="auto",
-                created=created,
-                root=state.base_name,
-                parent=state.base_name,
-                max_model_len=length,
-                loralab=info,
-            )
-        )
+        cards.append(_virtual_card("auto", info))
     if state.has_gate:
         info = {"kind": "moe", "experts": state.model.gate_expert_names, "slots": state.gate_slots}
-        cards.append(
-            ModelCard(
-                id="moe",
-                created=created,
-                root=state.base_name,
-                parent=state.base_name,
-                max_model_len=length,
-                loralab=info,
-            )
-        )
+        cards.append(_virtual_card("moe", info))
     for adapter in state.registry.adapters():
         info = {
             "kind": "lora",

@@ -266,16 +266,7 @@ class BatchEngine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [n, L]
         routing = RowRouting.from_choices([r.choice for r in requests], self.model.expert_names)
         record = any(r.params.gate_weights for r in requests)
-        with self.model.recording() if record else nullcontext():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                row_routing=routing,
-                logits_to_keep=1,
-            )
-            gates = self._gates(len(requests), ids.shape[1]) if record else None
+        out, gates = self._forward(ids, mask, positions, routing, record)
         if self.on_step is not None:
             self.on_step("prefill", len(requests))
         cache = out.cache if self._cache_arg == "cache" else out.past_key_values
@@ -291,16 +282,7 @@ class BatchEngine:
             self._routing = RowRouting.from_choices(choices, self.model.expert_names)
         record = any(row.request.params.gate_weights for row in self._rows)
         try:
-            with self.model.recording() if record else nullcontext():
-                out = self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    row_routing=self._routing,
-                    **{self._cache_arg: kv.cache},
-                )
-                gates = self._gates(len(self._rows), 1) if record else None
+            out, gates = self._forward(ids, mask, positions, self._routing, record, kv.cache)
         except Exception as error:  # the batch's cache is in an unknown state: fail its rows
             log.exception("decoding step failed for %d rows", len(self._rows))
             for row in self._rows:
@@ -312,6 +294,32 @@ class BatchEngine:
         if self.on_step is not None:
             self.on_step("decode", len(self._rows))
         self._emit(self._rows, out.logits[:, -1].float(), gates)
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        routing: RowRouting,
+        record: bool,
+        cache: Any = None,
+    ) -> tuple[Any, torch.Tensor | None]:
+        """One forward of ``ids`` [rows, length] (a prefill starts a cache, a decode step passes
+        ``cache``): the model's output (logits at the last position only) and, with ``record``,
+        the gate weights there [rows, blocks, S]."""
+        past = {} if cache is None else {self._cache_arg: cache}
+        with self.model.recording() if record else nullcontext():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                row_routing=routing,
+                logits_to_keep=1,
+                **past,
+            )
+            gates = self._gates(ids.shape[0], ids.shape[1]) if record else None
+        return out, gates
 
     def _gates(self, rows: int, length: int) -> torch.Tensor:
         """The recorded gate weights at each row's last position, averaged per decoder block:

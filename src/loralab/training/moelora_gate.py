@@ -20,7 +20,8 @@ from loralab.artifacts import verify_adapter
 from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.config import to_container
 from loralab.data.datamodule import DomainDataModule
-from loralab.evaluation.plots import plot_gate_usage_by_layer, save_plot
+from loralab.evaluation.figures import save_plot
+from loralab.evaluation.routing_plots import plot_gate_usage_by_layer
 from loralab.io_utils import atomic_write_json, exclusive_run_dir
 from loralab.routing.prior import RouterPriors, gate_bias
 from loralab.training.common import (
