@@ -81,9 +81,8 @@ def build_choice_set(
             examples.append(encode_option(tokenizer, q.prompt, option, max_length, eos))
             question_of.append(qi)
             option_of.append(oi)
-    return ChoiceSet(
-        name, list(questions), EvalSet(name, records, examples), question_of, option_of
-    )
+    rows = EvalSet(name, records, examples, shared_prompts=True)
+    return ChoiceSet(name, list(questions), rows, question_of, option_of)
 
 
 def pick_options(choice_set: ChoiceSet, scored: Mapping[str, Sequence[float]]) -> Outcome:
