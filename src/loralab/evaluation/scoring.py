@@ -6,7 +6,9 @@ single-expert, oracle and router systems read their results from it; only weight
 the gate run forwards of their own. MoE-LoRA's gate statistics are recorded during its own
 scoring pass. Logits are computed only from the position before the batch's first scored token
 on (``logits_to_keep``) and the loss one row at a time, so a batch holds [B, K, V] logits and
-[K, V] temporaries, not the vocabulary over every prompt token.
+[K, V] temporaries, not the vocabulary over every prompt token. Sets whose rows repeat a prompt
+(``EvalSet.shared_prompts``: multiple-choice options) forward each question's prompt once per
+choice and only the options after its KV cache (``prefix.py``; not X-LoRA, which has no cache).
 """
 
 from __future__ import annotations
