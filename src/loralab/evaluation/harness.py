@@ -267,6 +267,7 @@ def _routed_group(
             rows.fill(list(systems.values()))
             for name, system in systems.items():
                 run.metrics.extend(run.tasks.answered(name, rows.score(system)))
+            log.info("option rows: %d forwards, %d tokens", rows.forwards, rows.tokens)
             run.timed(label, "choices", started)
         if generator is not None:
             started = time.perf_counter()
