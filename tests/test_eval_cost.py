@@ -55,11 +55,11 @@ def test_cost_is_measured_for_the_chosen_systems_only():
 
     names = ["base", "expert_law", "expert_code", "router", "moelora"]
     experts = ["law", "code"]
-    assert costed_systems(None, names, experts) == set(names)
-    assert costed_systems(["expert_*", "moelora"], names, experts) == {
-        "expert_law",
-        "expert_code",
-        "moelora",
-    }
+    assert costed_systems({"enabled": True, "systems": None}, names, experts) == set(names)
+    chosen = {"enabled": True, "systems": ["expert_*", "moelora"]}
+    assert costed_systems(chosen, names, experts) == {"expert_law", "expert_code", "moelora"}
+    stale = {"enabled": True, "systems": ["router", "xlora"]}
     with pytest.raises(ValueError, match=r"eval\.cost\.systems: \['xlora'\] not in eval\.systems"):
-        costed_systems(["router", "xlora"], names, experts)
+        costed_systems(stale, names, experts)
+    # cost off: nothing measured, and a list naming systems not evaluated is not an error
+    assert costed_systems({**stale, "enabled": False}, names, experts) == set()

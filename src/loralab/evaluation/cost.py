@@ -36,10 +36,13 @@ COST_SET = "cost"
 
 
 def costed_systems(
-    wanted: Sequence[str] | None, names: Sequence[str], experts: Sequence[str]
+    cost_cfg: Mapping[str, Any], names: Sequence[str], experts: Sequence[str]
 ) -> set[str]:
-    """The systems whose cost is measured: ``eval.cost.systems`` (``expert_*`` expanded; null =
-    every evaluated system), each of which must be evaluated."""
+    """The systems whose cost is measured: none when ``enabled`` is false, else ``systems``
+    (``expert_*`` expanded; null = every evaluated system), each of which must be evaluated."""
+    if not cost_cfg.get("enabled", True):
+        return set()
+    wanted = cost_cfg.get("systems")
     if wanted is None:
         return set(names)
     chosen = expand_systems([str(n) for n in wanted], experts)

@@ -123,7 +123,7 @@ def evaluate(
     experts = [str(d) for d in cfg.data.domains]
     names = expand_systems([str(n) for n in cfg.eval.systems], experts)
     check_names(names, experts)
-    costed = costed_systems(cfg.eval.cost.get("systems"), names, experts)
+    costed = costed_systems(cfg.eval.cost, names, experts)
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     materialize_weights(base)  # the CPU peak memory then counts the weights, as CUDA's does
     shared = SharedBase(base, weights_fingerprint(base))
@@ -267,6 +267,7 @@ def _routed_group(
             rows.fill(list(systems.values()))
             for name, system in systems.items():
                 run.metrics.extend(run.tasks.answered(name, rows.score(system)))
+            log.info("option rows: %d forwards, %d tokens", rows.forwards, rows.tokens)
             run.timed(label, "choices", started)
         if generator is not None:
             started = time.perf_counter()

@@ -4,9 +4,11 @@ Each (question, option) pair is one row: the question in the chat template, then
 assistant's reply; only the option's tokens are scored (``batch_nll``: summed NLL and token count).
 The rows of a question share its record id, so a request-level system makes one choice per
 question (the router decides on the question text) and every option is scored under it; the rows
-form an ``EvalSet`` that ``RoutedScorer`` / ``score_model`` score like any other set (mixed
-batches, each single choice once). The pick is the option of lowest summed NLL (``accuracy``, as
-lm-evaluation-harness's ``acc``) or of lowest NLL per option token (``accuracy_norm``).
+form an ``EvalSet`` (``shared_prompts``) that ``RoutedScorer`` / ``score_model`` score like any
+other set (mixed batches, each single choice once), the question's prompt forwarded once and its
+KV cache shared by the options (``prefix.py``). The pick is the option of lowest summed NLL
+(``accuracy``, as lm-evaluation-harness's ``acc``) or of lowest NLL per option token
+(``accuracy_norm``).
 
 Accuracy intervals bootstrap questions; paired tests compare two systems' 0/1 outcomes on the same
 questions (``stats.paired_bootstrap`` with unit weights: the difference of accuracies, a - b).
@@ -81,9 +83,8 @@ def build_choice_set(
             examples.append(encode_option(tokenizer, q.prompt, option, max_length, eos))
             question_of.append(qi)
             option_of.append(oi)
-    return ChoiceSet(
-        name, list(questions), EvalSet(name, records, examples), question_of, option_of
-    )
+    rows = EvalSet(name, records, examples, shared_prompts=True)
+    return ChoiceSet(name, list(questions), rows, question_of, option_of)
 
 
 def pick_options(choice_set: ChoiceSet, scored: Mapping[str, Sequence[float]]) -> Outcome:

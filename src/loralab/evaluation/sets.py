@@ -19,11 +19,13 @@ from loralab.evaluation.benchmarks import extra_sets
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Records and their encodings, aligned by index."""
+    """Records and their encodings, aligned by index. ``shared_prompts``: rows repeat prompts
+    (a question's options), so scorers forward each prompt once (``prefix.py``)."""
 
     name: str
     records: list[Record]
     examples: list[EncodedExample]
+    shared_prompts: bool = False
 
     def batches(
         self, batch_size: int, pad_token_id: int, device: torch.device
