@@ -170,6 +170,7 @@ def _run_pipeline(
         from loralab.evaluation.benchmarks import choice_sets
 
         choice_sets(cfg.data, cfg.eval)
+        _check_artifacts_for(cfg, stages, dirs, domains)
     if "experts" in stages:
         from loralab.training.train_experts import train_experts
 
@@ -225,6 +226,32 @@ def _run_pipeline(
     results = evaluate_and_report(cfg)
     steps.record("evaluate", started, systems=results["systems"], sets=results["sets"])
     return results
+
+
+def _check_artifacts_for(
+    cfg: DictConfig, stages: Sequence[str], dirs: dict[str, Path], domains: list[str]
+) -> None:
+    """Every artifact ``eval.systems`` runs on is trained by a stage of this run or was left in the
+    run folder by an earlier one: checked before any training, not after it."""
+    from loralab.evaluation.build import expand_systems, gate_of, needs_router
+
+    names = expand_systems([str(n) for n in cfg.eval.systems], domains)
+    saved = {
+        "router": saved_router_labels,
+        "moelora": saved_gate_experts,
+        "moelora_prior": saved_gate_experts,
+        "xlora": saved_xlora_experts,
+    }
+    for name in names:
+        needed = {gate_of(name), "router" if needs_router(name) else None}
+        needed |= {"xlora"} if name == "xlora" else set()
+        for stage in sorted(s for s in needed if s is not None):
+            if stage not in stages and saved[stage](dirs[stage]) is None:
+                raise ValueError(
+                    f"eval.systems: {name!r} needs the {stage!r} artifacts, which "
+                    f"pipeline.stages {list(stages)} does not train and {dirs[stage]} does not "
+                    f"hold: add {stage!r} to pipeline.stages or leave {name!r} out of eval.systems"
+                )
 
 
 def _gate_stage(

@@ -148,6 +148,20 @@ def expand_systems(names: Sequence[str], experts: Sequence[str]) -> list[str]:
     return out
 
 
+def chosen_systems(
+    key: str, wanted: Sequence[str] | None, names: Sequence[str], experts: Sequence[str]
+) -> set[str]:
+    """The systems a config list ``key`` (e.g. ``eval.cost.systems``) names, ``expert_*``
+    expanded; None = every evaluated system. Each must be in ``names`` (evaluated)."""
+    if wanted is None:
+        return set(names)
+    chosen = expand_systems([str(n) for n in wanted], experts)
+    missing = [n for n in chosen if n not in names]
+    if missing:
+        raise ValueError(f"{key}: {missing} not in eval.systems {list(names)}")
+    return set(chosen)
+
+
 def check_names(names: Sequence[str], experts: Sequence[str]) -> None:
     allowed = {*KNOWN, *(f"expert_{d}" for d in experts)}
     unknown = [n for n in names if n not in allowed and not PRIOR_SYSTEM.fullmatch(n)]

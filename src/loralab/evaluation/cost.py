@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from loralab.data.records import Record
-from loralab.evaluation.build import expand_systems
+from loralab.evaluation.build import chosen_systems
 from loralab.evaluation.sets import EvalSet
 from loralab.evaluation.systems import (
     ModelSystem,
@@ -42,14 +42,7 @@ def costed_systems(
     (``expert_*`` expanded; null = every evaluated system), each of which must be evaluated."""
     if not cost_cfg.get("enabled", True):
         return set()
-    wanted = cost_cfg.get("systems")
-    if wanted is None:
-        return set(names)
-    chosen = expand_systems([str(n) for n in wanted], experts)
-    missing = [n for n in chosen if n not in names]
-    if missing:
-        raise ValueError(f"eval.cost.systems: {missing} not in eval.systems {list(names)}")
-    return set(chosen)
+    return chosen_systems("eval.cost.systems", cost_cfg.get("systems"), names, experts)
 
 
 def cost_prompts(

@@ -29,6 +29,7 @@ from loralab.evaluation.build import (
     PriorSetting,
     RouterChoices,
     check_names,
+    chosen_systems,
     expand_systems,
     gate_of,
     groups,
@@ -40,6 +41,7 @@ from loralab.evaluation.build import (
     routed_systems,
 )
 from loralab.evaluation.cost import (
+    Served,
     cost_metrics,
     cost_prompts,
     costed_systems,
@@ -150,6 +152,11 @@ def evaluate(
             int(cfg.eval.batch_size),
             device,
         )
+    generated = (
+        set()
+        if generator is None
+        else chosen_systems("eval.generation.systems", gen.get("systems"), names, experts)
+    )
     cost = cfg.eval.cost
     prompts: tuple[torch.Tensor, list[Record]] | None = None
     if cost.enabled:
@@ -176,16 +183,18 @@ def evaluate(
                 if (g := gate_of(n)) is not None
             }
             _routed_group(
-                run, group, shared, adapters, gates, choices, generator,
+                run, group, shared, adapters, gates, choices, generator, generated,
                 prompts if costed.intersection(group) else None, costed, tokenizer, pad_id, device,
             )  # fmt: skip
             if choices is not None:
                 choices.release()
         else:
-            measured = prompts if group[0] in costed else None
+            name = group[0]
             _peft_group(
-                run, group[0], shared, adapters, xlora_dir, generator, measured, pad_id, device
-            )
+                run, name, shared, adapters, xlora_dir,
+                generator if name in generated else None,
+                prompts if name in costed else None, pad_id, device,
+            )  # fmt: skip
         log.info("%s: done in %.0f s", "+".join(group), time.perf_counter() - group_started)
     routing: dict[str, Any] = {}
     if choices is not None:
@@ -233,14 +242,15 @@ def _routed_group(
     gates: Mapping[str, Path],
     choices: RouterChoices | None,
     generator: Generator | None,
+    generated: set[str],
     prompts: tuple[torch.Tensor, list[Record]] | None,
     costed: set[str],
     tokenizer: Any,
     pad_id: int,
     device: torch.device,
 ) -> None:
-    """Every routed system on one MoE-LoRA model: score, generate, cost (of ``costed``); then
-    unload."""
+    """Every routed system on one MoE-LoRA model: score, generate (those in ``generated``), cost
+    (those in ``costed``); then unload."""
     cfg = run.cfg
     label = "routed"
     first = next(iter(gates), None)
@@ -269,28 +279,21 @@ def _routed_group(
                 run.metrics.extend(run.tasks.answered(name, rows.score(system)))
             log.info("option rows: %d forwards, %d tokens", rows.forwards, rows.tokens)
             run.timed(label, "choices", started)
-        if generator is not None:
+        if generator is not None and generated.intersection(systems):
             started = time.perf_counter()
             for name, system in systems.items():
+                if name not in generated:
+                    continue
                 bank.use(system.gate)
                 run.generations[name] = generator.routed(model, system)
                 run.metrics.extend(run.tasks.generated(name, run.generations[name]))
             run.timed(label, "generate", started)
         if prompts is not None:
             started = time.perf_counter()
-            ids, records = prompts
             for name, system in systems.items():
-                if name not in costed:
-                    continue
-                bank.use(system.gate)
-                values = measure_cost(
-                    served_routed(model, system, records),
-                    ids,
-                    records,
-                    int(cfg.eval.cost.new_tokens),
-                    int(cfg.eval.cost.repeats),
-                )
-                run.metrics.extend(cost_metrics(name, values))
+                if name in costed:
+                    bank.use(system.gate)
+                    _measure_cost(run, name, served_routed(model, system, prompts[1]), prompts)
             run.timed(label, "cost", started)
 
 
@@ -340,13 +343,14 @@ def _peft_group(
             run.timed(name, "generate", started)
         if prompts is not None:
             started = time.perf_counter()
-            ids, records = prompts
-            values = measure_cost(
-                served_model(system),
-                ids,
-                records,
-                int(cfg.eval.cost.new_tokens),
-                int(cfg.eval.cost.repeats),
-            )
-            run.metrics.extend(cost_metrics(name, values))
+            _measure_cost(run, name, served_model(system), prompts)
             run.timed(name, "cost", started)
+
+
+def _measure_cost(
+    run: _Run, name: str, served: Served, prompts: tuple[torch.Tensor, list[Record]]
+) -> None:
+    ids, records = prompts
+    cost = run.cfg.eval.cost
+    values = measure_cost(served, ids, records, int(cost.new_tokens), int(cost.repeats))
+    run.metrics.extend(cost_metrics(name, values))
