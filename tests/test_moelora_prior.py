@@ -130,14 +130,15 @@ def test_prior_systems_are_named_in_config_and_use_the_right_gate_scale_and_pool
 
     names = ["moelora", "moelora_prior", "moelora_prior_infer", "moelora_prior_nobias",
              "moelora_prior_s2", "moelora_prior_s0.5", "moelora_prior_segments",
-             "moelora_prior_infer_request_s0.5"]  # fmt: skip
+             "moelora_prior_infer_request_s0.5", "moelora_prior_infer_f0.05"]  # fmt: skip
     check_names(names, EXPERTS)
-    for bad in ("moelora_prior_sx", "moelora_prior_tokens", "moelora_prior_s2_infer"):
+    for bad in ("moelora_prior_sx", "moelora_prior_tokens", "moelora_prior_s2_infer",
+                "moelora_prior_f2", "moelora_prior_f0.1_s2"):  # fmt: skip
         with pytest.raises(ValueError, match="unknown system"):
             check_names([bad], EXPERTS)
     assert [gate_of(n) for n in names] == ["moelora", "moelora_prior", "moelora",
-                                           *["moelora_prior"] * 4, "moelora"]  # fmt: skip
-    assert [needs_router(n) for n in names] == [False, True, True, False, True, True, True, True]
+                                           *["moelora_prior"] * 4, "moelora", "moelora"]  # fmt: skip
+    assert [needs_router(n) for n in names] == [False, *[True] * 2, False, *[True] * 5]
 
     from types import SimpleNamespace
 
@@ -158,7 +159,9 @@ def test_prior_systems_are_named_in_config_and_use_the_right_gate_scale_and_pool
                            ("moelora_prior_s2", 2 * p_request),
                            ("moelora_prior_s0.5", 0.5 * p_request),
                            ("moelora_prior_segments", p_segments),
-                           ("moelora_prior_infer_request_s0.5", 0.5 * p_request)):  # fmt: skip
+                           ("moelora_prior_infer_request_s0.5", 0.5 * p_request),
+                           ("moelora_prior_infer_f0.05",
+                            np.log(np.maximum(slot_probs(request, EXPERTS), 0.05)))):  # fmt: skip
         bias = systems[name].choose(record)
         assert isinstance(bias, GatePrior)
         np.testing.assert_allclose(bias.bias, expected, rtol=1e-6)

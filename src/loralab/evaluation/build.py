@@ -8,9 +8,10 @@ is built on the shared base inside ``SharedBase.lend``, used, unloaded, and the 
 ``moelora_prior`` and its ablations (the router's probabilities as a prior on the gate logits,
 ``loralab.routing.prior``): ``moelora_prior`` the gate trained with the prior, used with it;
 ``moelora_prior_nobias`` the gate trained with the prior, used without it; the other names read
-``moelora_prior[_infer][_request|_segments][_s<x>]``: ``_infer`` the plain MoE-LoRA gate with the
-prior at inference only, ``_request`` / ``_segments`` the router's probabilities pooled that way
-instead of the trained pooling, ``_s<x>`` the prior at scale ``x`` instead of the trained scale.
+``moelora_prior[_infer][_request|_segments][_s<x>][_f<y>]``: ``_infer`` the plain MoE-LoRA gate
+with the prior at inference only, ``_request`` / ``_segments`` the router's probabilities pooled
+that way instead of the trained pooling, ``_s<x>`` the prior at scale ``x`` instead of the trained
+scale, ``_f<y>`` the probability floor ``y`` (``0.<digits>``) instead of the trained floor.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 ROUTED = ("base", "oracle", "merge_cat", "router", "router_soft", "moelora", "moelora_prior_nobias")
 # moelora_prior, moelora_prior_infer, moelora_prior_segments, moelora_prior_infer_request_s0.5, ...
 PRIOR_SYSTEM = re.compile(
-    r"moelora_prior(?P<infer>_infer)?(?:_(?P<pool>request|segments))?(?:_s(?P<scale>\d+(?:\.\d+)?))?"
+    r"moelora_prior(?P<infer>_infer)?(?:_(?P<pool>request|segments))?"
+    r"(?:_s(?P<scale>\d+(?:\.\d+)?))?(?:_f(?P<floor>0\.\d+))?"
 )
 
 
@@ -238,6 +240,7 @@ def routed_systems(
             setting = replace(
                 prior,
                 scale=float(m["scale"]) if m["scale"] else prior.scale,
+                floor=float(m["floor"]) if m["floor"] else prior.floor,
                 pool=m["pool"] or prior.pool,
             )
             out[name] = RoutedSystem(
