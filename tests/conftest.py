@@ -51,6 +51,21 @@ def smoke_experts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"cfg": cfg, "dir": out, **result}
 
 
+def smoke_eval_env(smoke_experts: dict, out: Path):
+    """The evaluation's starting point on the smoke experiment: its config, one base model shared
+    as the evaluation shares it, the tokenizer and the trained smoke adapters by domain."""
+    from types import SimpleNamespace
+
+    from loralab.base_model import load_base_model, weights_fingerprint
+    from loralab.evaluation.shared_base import SharedBase
+
+    cfg = compose("evaluate", ["experiment=smoke"], out)
+    base, tok = load_base_model(cfg.base_model)
+    adapters = {d: Path(p) for d, p in smoke_experts["adapters"].items()}
+    shared = SharedBase(base, weights_fingerprint(base))
+    return SimpleNamespace(cfg=cfg, base=base, shared=shared, tok=tok, adapters=adapters)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

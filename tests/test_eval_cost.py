@@ -1,29 +1,23 @@
 """The evaluation's cost stage: routing inside the time to first token, absolute peak memory,
 each system's own weights."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.evaluation.build import routed_model, routed_systems
 from loralab.evaluation.cost import cost_prompts, measure_cost, served_routed
 from loralab.evaluation.sets import build_eval_sets
-from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.systems import RoutedSystem
 from loralab.measurement import MIB, weights_bytes
-from tests.conftest import compose
+from tests.conftest import smoke_eval_env
 
 EXPERTS = ["law", "code", "medical"]
 KEYS = {"prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb", "weights_mb"}
 
 
 def test_cost_routes_inside_ttft_and_counts_what_each_system_holds(smoke_experts, tmp_path):
-    cfg = compose("evaluate", ["experiment=smoke"], tmp_path)
-    base, tok = load_base_model(cfg.base_model)
-    shared = SharedBase(base, weights_fingerprint(base))
-    sets = build_eval_sets(cfg.data, cfg.eval, tok, EXPERTS)
+    e = smoke_eval_env(smoke_experts, tmp_path)
+    sets = build_eval_sets(e.cfg.data, e.cfg.eval, e.tok, EXPERTS)
     ids, records = cost_prompts(sets, 12, 3, torch.device("cpu"))
     assert ids.shape == (3, 12) and [r.domain for r in records] == ["law", "code", "medical"]
     routed = []
@@ -33,8 +27,7 @@ def test_cost_routes_inside_ttft_and_counts_what_each_system_holds(smoke_experts
         return "law"
 
     router = RoutedSystem("router", lambda r: "code", route)
-    adapters = {d: Path(p) for d, p in smoke_experts["adapters"].items()}
-    with routed_model(shared, adapters, None) as model:
+    with routed_model(e.shared, e.adapters, None) as model:
         cost = measure_cost(served_routed(model, router, records), ids, records, 4, repeats=3)
         assert routed == [records[0].id] * 4  # one warm-up + 3 timed first tokens, each routed
         moe = routed_systems(["moelora"], EXPERTS, None)["moelora"]

@@ -1,5 +1,7 @@
 """The evaluation harness: choices, grouping, the two-domain set, X-LoRA's classifier binding."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -95,3 +97,36 @@ def test_xlora_classifier_is_bound_to_its_experts_and_base(smoke_experts, tmp_pa
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(AdapterVerificationError, match="not a complete X-LoRA classifier"):
         load_xlora_classifier(fresh, tmp_path, adapters, fingerprint)
+
+
+def test_a_code_only_evaluation_scores_pass_rates_without_nll_sets(smoke_experts, tmp_path):
+    """experiment=quick_cpu_code's shape: no NLL, choice or ROUGE sets; pass@1 per system, only
+    the generating systems, paired pass-rate tests."""
+    from loralab.evaluation.harness import evaluate
+    from tests.conftest import compose
+
+    cfg = compose(
+        "evaluate",
+        [
+            "experiment=smoke",
+            "eval.systems=[base,expert_code,merge_ties]",
+            "eval.sets=[]",
+            "eval.choice_sets.sets=[]",
+            "eval.generation.per_set=0",
+            "eval.generation.mbpp=2",
+            "eval.generation.humaneval=2",
+            "eval.generation.systems=[base,expert_code]",
+            "eval.cost.enabled=false",
+            "eval.paired_tests=[[base,expert_code],[base,merge_ties]]",
+        ],
+        tmp_path,
+    )
+    results = evaluate(cfg, Path(smoke_experts["adapters"]["code"]).parent)
+    have = {(m["system"], m["set"], m["metric"]) for m in results["metrics"]}
+    assert have == {
+        (s, g, "pass_rate") for s in ("base", "expert_code") for g in ("gen_code", "humaneval")
+    }
+    assert results["sets"] == [] and not any(results["paired_tests"].values())  # no NLL
+    assert set(results["generations"]) == {"base", "expert_code"}
+    assert [len(results["generations"]["base"][g]) for g in ("gen_code", "humaneval")] == [2, 2]
+    assert set(results["paired_tests_accuracy"]) == {"base_vs_expert_code"}

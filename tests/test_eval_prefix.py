@@ -3,22 +3,20 @@ equal full-row scoring for every kind of routing and for PEFT systems with a cac
 full rows; fewer prompt tokens are forwarded."""
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from loralab.base_model import load_base_model, weights_fingerprint
+from loralab.base_model import load_base_model
 from loralab.data.formatting import IGNORE_INDEX
 from loralab.evaluation.benchmarks import ChoiceQuestion
 from loralab.evaluation.build import peft_system, routed_model, routed_systems
 from loralab.evaluation.options import build_choice_set
 from loralab.evaluation.prefix import uses_kv_cache
 from loralab.evaluation.scoring import RoutedScorer, score_model
-from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.systems import GatePrior, ModelSystem, RoutedSystem
 from moelora.routing import GATE
-from tests.conftest import compose
+from tests.conftest import smoke_eval_env
 
 EXPERTS = ["law", "code", "medical"]
 CPU = torch.device("cpu")
@@ -28,10 +26,7 @@ BATCH = 5  # not a multiple of 3 options: questions split over batches by rows
 
 @pytest.fixture(scope="module")
 def env(smoke_experts, tmp_path_factory):
-    cfg = compose("evaluate", ["experiment=smoke"], tmp_path_factory.mktemp("prefix"))
-    base, tok = load_base_model(cfg.base_model)
-    shared = SharedBase(base, weights_fingerprint(base))
-    adapters = {d: Path(p) for d, p in smoke_experts["adapters"].items()}
+    e = smoke_eval_env(smoke_experts, tmp_path_factory.mktemp("prefix"))
     questions = [
         ChoiceQuestion(
             f"q{i}", "medical", f"Is claim {i} supported? " * (i % 3 + 1), choices, i % 2
@@ -42,8 +37,8 @@ def env(smoke_experts, tmp_path_factory):
     ]
     long = "The record shows a long history of the patient. " * 40 + "Is it benign?"
     questions.append(ChoiceQuestion("cut", "law", long, ("Yes", "No, it is malignant"), 1))
-    choice_set = build_choice_set("mc", questions, tok, MAX_LENGTH)
-    return cfg, shared, tok, adapters, choice_set
+    choice_set = build_choice_set("mc", questions, e.tok, MAX_LENGTH)
+    return e.cfg, e.shared, e.tok, e.adapters, choice_set
 
 
 def _full(choice_set):
@@ -116,15 +111,23 @@ def test_each_prompt_is_forwarded_once_per_choice(env):
     assert once.tokens < 0.6 * full.tokens
 
 
-def _count_tokens(model):
+def _score_both(system, base, choice_set, pad):
+    """The option rows scored with shared prompts, then as full rows; and the input tokens (padding
+    included) ``base`` forwarded for each."""
     counted = [0]
 
     def hook(_module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         counted[0] += ids.numel()
 
-    handle = model.get_input_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
-    return counted, handle
+    handle = base.get_input_embeddings().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        once = score_model(system, {"mc": choice_set.rows}, BATCH, pad, CPU)["mc"]
+        tokens_once = counted[0]
+        full = score_model(system, _full(choice_set), BATCH, pad, CPU)["mc"]
+    finally:
+        handle.remove()
+    return once, full, tokens_once, counted[0] - tokens_once
 
 
 @pytest.mark.parametrize("name", ["merge_ties", "arrow"])
@@ -133,15 +136,9 @@ def test_peft_systems_with_a_cache_equal_full_rows(env, name):
     pad = int(tok.pad_token_id)
     with peft_system(name, shared, cfg, adapters, None) as system:
         assert uses_kv_cache(system.model)
-        counted, handle = _count_tokens(shared.model)
-        try:
-            once = score_model(system, {"mc": choice_set.rows}, BATCH, pad, CPU)["mc"]
-            tokens_once = counted[0]
-            full = score_model(system, _full(choice_set), BATCH, pad, CPU)["mc"]
-        finally:
-            handle.remove()
+        once, full, tokens_once, tokens_full = _score_both(system, shared.model, choice_set, pad)
     _assert_same(once, full)
-    assert tokens_once < 0.7 * (counted[0] - tokens_once)  # input tokens, padding included
+    assert tokens_once < 0.7 * tokens_full
 
 
 def test_xlora_has_no_cache_and_keeps_full_rows(env):
@@ -152,13 +149,8 @@ def test_xlora_has_no_cache_and_keeps_full_rows(env):
     base, _ = load_base_model(cfg.base_model)
     model = build_xlora(base, adapters).eval()
     assert not uses_kv_cache(model)
-    system = ModelSystem("xlora", model)
-    counted, handle = _count_tokens(base)
-    try:
-        once = score_model(system, {"mc": choice_set.rows}, BATCH, pad, CPU)["mc"]
-        tokens_once = counted[0]
-        full = score_model(system, _full(choice_set), BATCH, pad, CPU)["mc"]
-    finally:
-        handle.remove()
+    once, full, tokens_once, tokens_full = _score_both(
+        ModelSystem("xlora", model), base, choice_set, pad
+    )
     assert once == full  # the same full-row forwards
-    assert tokens_once == counted[0] - tokens_once
+    assert tokens_once == tokens_full

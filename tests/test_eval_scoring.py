@@ -1,21 +1,18 @@
 """Routed systems on one MoE-LoRA model: equal to PEFT / the base model, each single choice scored
 once and shared, gate statistics from the scoring pass, generation shared and equal to PEFT."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from loralab.artifacts import load_expert
-from loralab.base_model import load_base_model, weights_fingerprint
+from loralab.base_model import load_base_model
 from loralab.evaluation.build import routed_model, routed_systems
 from loralab.evaluation.generation import GenerationItem, Generator
 from loralab.evaluation.nll import batch_nll
 from loralab.evaluation.scoring import GateRecorder, RoutedScorer
 from loralab.evaluation.sets import build_eval_sets
-from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.systems import RoutedSystem
-from tests.conftest import compose
+from tests.conftest import smoke_eval_env
 
 EXPERTS = ["law", "code", "medical"]
 CPU = torch.device("cpu")
@@ -24,12 +21,9 @@ BATCH = 4
 
 @pytest.fixture(scope="module")
 def setup(smoke_experts, tmp_path_factory):
-    cfg = compose("evaluate", ["experiment=smoke"], tmp_path_factory.mktemp("eval"))
-    base, tok = load_base_model(cfg.base_model)
-    shared = SharedBase(base, weights_fingerprint(base))
-    sets = build_eval_sets(cfg.data, cfg.eval, tok, EXPERTS)
-    adapters = {d: Path(p) for d, p in smoke_experts["adapters"].items()}
-    return cfg, shared, tok, sets, adapters
+    e = smoke_eval_env(smoke_experts, tmp_path_factory.mktemp("eval"))
+    sets = build_eval_sets(e.cfg.data, e.cfg.eval, e.tok, EXPERTS)
+    return e.cfg, e.shared, e.tok, sets, e.adapters
 
 
 def _peft_nll(cfg, adapters, fingerprint, sets, tok, adapter):

@@ -1,7 +1,6 @@
 """moelora_prior: the router's probabilities as a prior on every layer's gate logits (tiny model)."""
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
@@ -9,15 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from loralab.base_model import load_base_model, weights_fingerprint
 from loralab.data.datamodule import DomainDataModule
 from loralab.evaluation.build import routed_model
-from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.systems import GatePrior, row_routing
 from loralab.routing.prior import gate_bias, slot_probs
 from loralab.training.moelora_gate import GateTrainingModule
 from moelora import GATE
-from tests.conftest import compose
+from tests.conftest import smoke_eval_env
 
 EXPERTS = ["law", "code", "medical"]
 CPU = torch.device("cpu")
@@ -45,13 +42,9 @@ def test_slot_probabilities_handle_the_base_mass():
 
 @pytest.fixture(scope="module")
 def shared_and_batch(smoke_experts, tmp_path_factory):
-    cfg = compose("evaluate", ["experiment=smoke"], tmp_path_factory.mktemp("prior"))
-    base, tok = load_base_model(cfg.base_model)
-    shared = SharedBase(base, weights_fingerprint(base))
-    adapters = {d: Path(p) for d, p in smoke_experts["adapters"].items()}
-    dm = DomainDataModule(cfg.data, tok, EXPERTS)
-    batch = next(iter(dm.eval_dataloader("val")))
-    return cfg, shared, tok, adapters, batch
+    e = smoke_eval_env(smoke_experts, tmp_path_factory.mktemp("prior"))
+    batch = next(iter(DomainDataModule(e.cfg.data, e.tok, EXPERTS).eval_dataloader("val")))
+    return e.cfg, e.shared, e.tok, e.adapters, batch
 
 
 def _logits(model, batch, choices):

@@ -223,6 +223,44 @@ def test_every_system_has_every_metric(smoke_run):
     )
 
 
+def test_each_gated_system_is_scored_with_its_own_gate(smoke_run, tmp_path, monkeypatch):
+    """NLL rows and option rows alike: the gate in the model is the system's own, whichever
+    system ran before it (moelora_prior_nobias leaves the prior-trained gate in)."""
+    from loralab.evaluation import build, scoring
+    from loralab.evaluation.harness import evaluate
+    from tests.conftest import compose
+
+    banks, seen = [], []
+    real_init, real_score = build.GateBank.__init__, scoring.RoutedScorer.score
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        banks.append(self)
+
+    def score(self, system, *args, **kwargs):
+        seen.append((system.name, banks[-1].active))
+        return real_score(self, system, *args, **kwargs)
+
+    monkeypatch.setattr(build.GateBank, "__init__", init)
+    monkeypatch.setattr(scoring.RoutedScorer, "score", score)
+    systems = ["moelora", "moelora_prior_infer", "moelora_prior", "moelora_prior_nobias"]
+    cfg = compose(
+        "evaluate",
+        ["experiment=smoke", f"eval.systems=[{','.join(systems)}]", "eval.generation.per_set=0",
+         "eval.generation.mbpp=0", "eval.cost.enabled=false"],
+        tmp_path,
+    )  # fmt: skip
+    evaluate(
+        cfg,
+        smoke_run / "experts/adapters",
+        smoke_run / "router/router",
+        smoke_run / "moelora/moelora",
+        moelora_prior_dir=smoke_run / "moelora_prior/moelora",
+    )
+    gates = {"moelora": "moelora", "moelora_prior_infer": "moelora"}
+    assert seen == [(n, gates.get(n, "moelora_prior")) for n in systems] * 2  # NLL, then options
+
+
 def test_notebook_runs_on_the_smoke_results(smoke_run, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

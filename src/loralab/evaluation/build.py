@@ -31,7 +31,7 @@ from loralab.baselines import build_arrow, build_xlora
 from loralab.data.records import Record
 from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.systems import Choice, GatePrior, ModelSystem, RoutedSystem, gold_choice
-from loralab.routing.prior import gate_bias, route_pooled, slot_probs
+from loralab.routing.prior import decision_probs, gate_bias, route_pooled, slot_probs
 from loralab.training.xlora import load_xlora_classifier
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class RouterChoices:
     def _probs(self, record: Record, pool: str) -> Mapping[str, float]:
         if pool == "segments":
             return self.pooled[record.id]
-        return self.decisions[record.id].probs or {}
+        return decision_probs(self.decisions[record.id])
 
     def prior(self, slots: Sequence[str], setting: PriorSetting) -> Callable[[Record], Choice]:
         """record -> ``GatePrior``: the gate-logit prior of the router's probabilities over the
@@ -273,6 +273,12 @@ class GateBank:
 
         load_gate(self.model, self.gates[name])
         self.active = name
+
+    def each(self, systems: Mapping[str, RoutedSystem]) -> Iterator[tuple[str, RoutedSystem]]:
+        """``systems`` in turn, each with its own trained gate in the model while it runs."""
+        for name, system in systems.items():
+            self.use(system.gate)
+            yield name, system
 
 
 @contextmanager

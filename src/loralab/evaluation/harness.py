@@ -261,8 +261,7 @@ def _routed_group(
         started = time.perf_counter()
         scorer = RoutedScorer(model, run.sets, int(cfg.eval.batch_size), pad_id, device)
         scorer.fill(list(systems.values()))  # the single choices of every system, once
-        for name, system in systems.items():
-            bank.use(system.gate)
+        for name, system in bank.each(systems):
             recorder = None
             if name == "moelora":
                 recorder = GateRecorder(model.slot_names, int(cfg.eval.heatmap_examples), tokenizer)
@@ -275,25 +274,20 @@ def _routed_group(
             started = time.perf_counter()
             rows = RoutedScorer(model, run.tasks.rows, int(cfg.eval.batch_size), pad_id, device)
             rows.fill(list(systems.values()))
-            for name, system in systems.items():
+            for name, system in bank.each(systems):  # a gated row runs its own gate here
                 run.metrics.extend(run.tasks.answered(name, rows.score(system)))
             log.info("option rows: %d forwards, %d tokens", rows.forwards, rows.tokens)
             run.timed(label, "choices", started)
         if generator is not None and generated.intersection(systems):
             started = time.perf_counter()
-            for name, system in systems.items():
-                if name not in generated:
-                    continue
-                bank.use(system.gate)
+            for name, system in bank.each({n: s for n, s in systems.items() if n in generated}):
                 run.generations[name] = generator.routed(model, system)
                 run.metrics.extend(run.tasks.generated(name, run.generations[name]))
             run.timed(label, "generate", started)
         if prompts is not None:
             started = time.perf_counter()
-            for name, system in systems.items():
-                if name in costed:
-                    bank.use(system.gate)
-                    _measure_cost(run, name, served_routed(model, system, prompts[1]), prompts)
+            for name, system in bank.each({n: s for n, s in systems.items() if n in costed}):
+                _measure_cost(run, name, served_routed(model, system, prompts[1]), prompts)
             run.timed(label, "cost", started)
 
 

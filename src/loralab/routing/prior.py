@@ -72,7 +72,7 @@ def route_pooled(router: Any, texts: Sequence[str], pool: str) -> list[dict[str,
     if pool not in POOLS:
         raise ValueError(f"moelora.prior.pool must be one of {POOLS}, got {pool!r}")
     if pool == "request":
-        return [_probs(d) for d in router.route_batch(list(texts))]
+        return [decision_probs(d) for d in router.route_batch(list(texts))]
     segments = [request_segments(t) for t in texts]
     decisions = iter(router.route_batch([s for parts in segments for s in parts]))
     out = []
@@ -80,7 +80,7 @@ def route_pooled(router: Any, texts: Sequence[str], pool: str) -> list[dict[str,
         total: dict[str, float] = {}
         weight = 0.0
         for part in parts:
-            probs = _probs(next(decisions))
+            probs = decision_probs(next(decisions))
             if probs:
                 weight += len(part)
                 for label, p in probs.items():
@@ -89,7 +89,8 @@ def route_pooled(router: Any, texts: Sequence[str], pool: str) -> list[dict[str,
     return out
 
 
-def _probs(decision: Any) -> dict[str, float]:
+def decision_probs(decision: Any) -> dict[str, float]:
+    """A router decision's label probabilities (``{}`` when it gives none)."""
     return {str(k): float(v) for k, v in (decision.probs or {}).items()}
 
 
