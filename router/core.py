@@ -153,11 +153,17 @@ class Router:
         return await asyncio.to_thread(self.route_batch, requests)
 
     # ----- persistence --------------------------------------------------------------------------
-    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> str:
-        """Write the router to folder ``path`` (atomically); returns its model version."""
+    def save(
+        self,
+        path: str | Path,
+        extra: Mapping[str, Any] | None = None,
+        bundle_encoder: bool = False,
+    ) -> str:
+        """Write the router to folder ``path`` (atomically); returns its model version. With
+        ``bundle_encoder`` (an encoder tuned for this router) its model folder goes with it."""
         from router.persistence import save_router
 
-        return save_router(self, path, extra)
+        return save_router(self, path, extra, bundle_encoder)
 
     @classmethod
     def load(cls, path: str | Path, encoder: Encoder | None = None) -> Router:

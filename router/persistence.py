@@ -2,8 +2,10 @@
 
 The JSON holds the format version, labels, encoder spec and fingerprint, temperature, thresholds,
 input policy, descriptions and the SHA-256 of the tensor file; the tensors hold the head, the
-description embeddings, the OOD prototypes and the embeddings of a few probe texts. Loading
-re-encodes the probe texts and refuses an encoder whose fingerprint or embeddings differ.
+description embeddings, the OOD prototypes and the embeddings of a few probe texts. A router whose
+encoder was tuned for it carries the encoder in ``encoder/`` (a sentence-transformers folder,
+safetensors), so the folder moves as one. Loading re-encodes the probe texts and refuses an encoder
+whose fingerprint (weights SHA-256 included) or embeddings differ.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from router.calibration import Thresholds
 from router.classifier import DescriptionPrior, head_from_tensors
-from router.encoders import Encoder, EncoderSpec, build_encoder
+from router.encoders import Encoder, EncoderSpec, build_encoder, resolve_model_name
 from router.inputs import InputPolicy
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ FORMAT = "loralab-router"
 FORMAT_VERSION = 1
 CONFIG_FILE = "router.json"
 TENSORS_FILE = "router.safetensors"
+ENCODER_DIR = "encoder"  # a bundled encoder's folder inside the router folder
 PROBE_TEXTS = (
     "What are the symptoms of type 2 diabetes?",
     "Write a Python function that reverses a linked list.",
@@ -83,9 +86,36 @@ def _encoder_spec(encoder: Encoder) -> dict[str, Any]:
     )
 
 
-def save_router(router: Router, path: str | Path, extra: Mapping[str, Any] | None = None) -> str:
-    """Write ``router`` to folder ``path``; sets and returns ``router.model_version``."""
+def save_router(
+    router: Router,
+    path: str | Path,
+    extra: Mapping[str, Any] | None = None,
+    bundle_encoder: bool = False,
+) -> str:
+    """Write ``router`` to folder ``path``; sets and returns ``router.model_version``. With
+    ``bundle_encoder`` its encoder's model folder (a local sentence-transformers model) is copied
+    into ``path/encoder`` and loaded from there."""
     from safetensors.numpy import save_file
+
+    encoder: dict[str, Any] = {
+        "spec": _encoder_spec(router.encoder),
+        "fingerprint": router.encoder.fingerprint(),
+    }
+    source = None
+    if bundle_encoder:
+        source = Path(resolve_model_name(str(encoder["spec"]["name"])))
+        if encoder["spec"]["kind"] != "sentence_transformers" or not source.is_dir():
+            raise ValueError(
+                f"only a local sentence-transformers model folder can be bundled, got "
+                f"{encoder['spec']['kind']!r} {encoder['spec']['name']!r}"
+            )
+        # named by its place in the router folder: the model version does not depend on where
+        # the encoder was tuned
+        encoder = {
+            "spec": {**encoder["spec"], "name": ENCODER_DIR},
+            "fingerprint": {**encoder["fingerprint"], "name": ENCODER_DIR},
+            "bundled": True,
+        }
 
     tensors: dict[str, np.ndarray] = dict(router.head.tensors())
     if router.prior is not None:
@@ -100,10 +130,7 @@ def save_router(router: Router, path: str | Path, extra: Mapping[str, Any] | Non
         "format_version": FORMAT_VERSION,
         "labels": list(router.labels),
         "base_label": router.base_label,
-        "encoder": {
-            "spec": _encoder_spec(router.encoder),
-            "fingerprint": router.encoder.fingerprint(),
-        },
+        "encoder": encoder,
         "head": router.head.config(),
         "temperature": router.temperature,
         "prior": None
@@ -117,6 +144,8 @@ def save_router(router: Router, path: str | Path, extra: Mapping[str, Any] | Non
         "extra": dict(extra or {}),
     }
     with _atomic_directory(Path(path)) as tmp:
+        if source is not None:
+            shutil.copytree(source, tmp / ENCODER_DIR)
         save_file(tensors, str(tmp / TENSORS_FILE))
         config["tensors_sha256"] = _sha256(tmp / TENSORS_FILE)
         body = json.dumps({k: v for k, v in config.items() if k != "extra"}, sort_keys=True)
@@ -219,6 +248,12 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
         ) from None
     if encoder is None:
         spec = config["encoder"]["spec"]
+        if config["encoder"].get("bundled"):
+            if not (folder / ENCODER_DIR).is_dir():
+                raise RouterFileError(
+                    f"{folder}: missing {ENCODER_DIR}/ (the encoder this router was tuned with)"
+                )
+            spec = {**spec, "name": str(folder / ENCODER_DIR)}
         if spec.get("kind") == "custom":
             raise EncoderMismatchError(
                 f"{folder}: trained with a custom encoder {spec.get('name')!r}; pass it to load()"

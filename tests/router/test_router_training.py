@@ -318,6 +318,7 @@ def test_a_second_run_encodes_only_what_changed(
 @pytest.mark.slow
 def test_train_router_with_real_minilm_and_real_data(tmp_path: Path) -> None:
     from loralab.data.records import default_data_root
+    from loralab.io_utils import file_sha256
     from loralab.routing import train_router
 
     if not (default_data_root() / "law.jsonl").is_file():
@@ -333,12 +334,22 @@ def test_train_router_with_real_minilm_and_real_data(tmp_path: Path) -> None:
             "router.data.views=[instruction]",
             "router.latency_requests=3",
             "router.ood_prototypes_per_label=4",
+            "router.finetune.steps=2",
+            "router.finetune.texts_per_label=8",
+            "router.finetune.batch_per_label=2",
             "logger=none",
         ],
         tmp_path,
     )
     result = train_router(cfg)
     assert result["metrics"]["sets"]["test"]["accuracy"] >= 0.8
+    # the encoder tuned for this router travels in its folder and is the one it loads
+    saved = json.loads((tmp_path / "router" / "router.json").read_text())["encoder"]
+    assert saved["bundled"] and saved["spec"]["name"] == "encoder"
+    assert saved["fingerprint"]["weights_sha256"] == file_sha256(
+        tmp_path / "router" / "encoder" / "model.safetensors"
+    )
+    assert result["metrics"]["timing_s"]["finetune"] > 0
     router = Router.load(tmp_path / "router")
     decisions = router.route_batch(
         [

@@ -210,7 +210,13 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         len(val),
         ", ".join(f"{k} {len(v)}" for k, v in sets.items()),
     )
-    encoder = build_encoder(OmegaConf.to_container(rcfg.encoder, resolve=True))  # type: ignore[arg-type]
+    descriptions = label_descriptions(rcfg, labels)
+    encoder_cfg: dict[str, Any] = OmegaConf.to_container(rcfg.encoder, resolve=True)  # type: ignore[assignment]
+    tuned = _finetune(rcfg, encoder_cfg, train, descriptions, labels, out_dir)
+    if tuned is not None:
+        encoder_cfg["name"] = str(tuned)
+    t_tuned = time.perf_counter()
+    encoder = build_encoder(encoder_cfg)
     encoded: dict[str, int] = {}  # texts encoded per label (the others came from the cache)
     x_train, y_train, train = _embed(encoder, train, labels, cache, batch, encoded)
     x_val, y_val, _ = _embed(encoder, val, labels, cache, batch, encoded)
@@ -224,7 +230,6 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     view_weight = {str(k): float(v) for k, v in rcfg.view_weights.items()}
     weights = np.array([view_weight.get(e.view, 1.0) for e in train])
     policy = InputPolicy(**OmegaConf.to_container(rcfg.policy, resolve=True))  # type: ignore[arg-type]
-    descriptions = label_descriptions(rcfg, labels)
     fcfg = fit_config(rcfg)
     router = fit_router(
         encoder,
@@ -278,7 +283,8 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     }
     metrics["encoded_texts"] = encoded
     metrics["timing_s"] = {
-        "encode": t_encoded - t_start,
+        "finetune": t_tuned - t_start,
+        "encode": t_encoded - t_tuned,
         "fit": t_fitted - t_encoded,
         "evaluate": time.perf_counter() - t_fitted,
     }
@@ -289,13 +295,50 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     }
     router_dir = out_dir / "router"
     summary = _summary(metrics)
-    version = router.save(router_dir, extra={"config": to_container(rcfg), "summary": summary})
+    version = router.save(
+        router_dir,
+        extra={"config": to_container(rcfg), "summary": summary},
+        bundle_encoder=tuned is not None,
+    )
     metrics["model_version"] = version
     metrics["router_dir"] = str(router_dir)
     atomic_write_json(out_dir / "router_metrics.json", metrics)
     _log(cfg, metrics)
     log.info("router %s saved to %s: %s", version, router_dir, json.dumps(summary))
     return {"router_dir": str(router_dir), "model_version": version, "metrics": metrics}
+
+
+def _finetune(
+    rcfg: DictConfig,
+    encoder_cfg: dict[str, Any],
+    train: Sequence[Example],
+    descriptions: dict[str, list[str]],
+    labels: Sequence[str],
+    out_dir: Path,
+) -> Path | None:
+    """``router.finetune``: the encoder tuned on the train texts and label descriptions, saved to
+    ``<run dir>/encoder`` (None when disabled or the encoder is not a sentence-transformers one)."""
+    ft = rcfg.get("finetune")
+    if not ft or not ft.enabled:
+        return None
+    from loralab.routing.finetune import FinetuneConfig, finetune_encoder
+    from router.encoders import resolve_model_name
+
+    if encoder_cfg.get("kind") != "sentence_transformers":
+        log.info("router.finetune: a %s encoder has no weights to tune", encoder_cfg.get("kind"))
+        return None
+    settings = {k: v for k, v in to_container(ft).items() if k != "enabled"}
+    unknown = sorted(set(settings) - (set(FinetuneConfig.__dataclass_fields__) - {"seed"}))
+    if unknown:
+        raise ValueError(f"router.finetune: unknown setting(s) {unknown}")
+    config = FinetuneConfig(**settings, seed=int(rcfg.get("seed", 0)))
+    texts = {
+        label: [e.text for e in train if e.label == label] + list(descriptions[label])
+        for label in labels
+    }
+    return finetune_encoder(
+        resolve_model_name(str(encoder_cfg["name"])), texts, config, out_dir / "encoder"
+    )
 
 
 def _coarse_group(group: str) -> str:
