@@ -2,18 +2,20 @@
 # One H100 / H200: the GPU-sized main job (experiment=gpu_quick), the GPU tests and the MoE-LoRA
 # benchmark on the pipeline's own experts and gate, everything under one folder.
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [STAGES...]     # STAGES: any of pipeline tests bench (default all)
+#   bash scripts/gpu_check.sh [OUT_DIR] [STAGES...]     # STAGES: any of pipeline tests bench code (default all)
 #
-# Each stage has a wall-clock limit (GPU_CHECK_PIPELINE_S, GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S) so
+# code: greedy pass@1 on every HumanEval problem and 100 MBPP test problems (experiment=quick_cpu_code)
+# on the pipeline's experts, router and gate.
+# Each stage has a wall-clock limit (GPU_CHECK_PIPELINE_S, _TESTS_S, _BENCH_S, _CODE_S) so
 # that a slow stage still leaves the others their time; OUT_DIR/summary.json records each stage's exit
 # status and seconds, the device and the package versions. Logs: OUT_DIR/<stage>.log.
 # GPU_CHECK_EXPERIMENT / GPU_CHECK_OVERRIDES change the pipeline's experiment / add overrides (dry runs);
-# GPU_CHECK_BENCH_ARGS adds bench_moelora.py arguments.
+# GPU_CHECK_BENCH_ARGS adds bench_moelora.py arguments, GPU_CHECK_CODE_OVERRIDES the code stage's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/gpu_check/$(date +%Y%m%d-%H%M%S)}
 shift || true
-stages=${*:-pipeline tests bench}
+stages=${*:-pipeline tests bench code}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
@@ -52,7 +54,13 @@ for stage in $stages; do
         args=(--random-experts)  # the pipeline did not get that far
       fi
       run_stage bench "${GPU_CHECK_BENCH_S:-240}" "$py" scripts/bench_moelora.py "${args[@]}" ${GPU_CHECK_BENCH_ARGS:-} ;;
-    *) echo "unknown stage $stage (expected pipeline, tests, bench)" >&2; exit 2 ;;
+    code)
+      p=$out/pipeline
+      run_stage code "${GPU_CHECK_CODE_S:-300}" \
+        "$py" scripts/evaluate.py experiment=quick_cpu_code "experts_dir=$p/experts/adapters" \
+        "router_dir=$p/router/router" "moelora_dir=$p/moelora/moelora" data.eval_batch_size=32 \
+        "hydra.run.dir=$out/code" ${GPU_CHECK_CODE_OVERRIDES:-} ;;
+    *) echo "unknown stage $stage (expected pipeline, tests, bench, code)" >&2; exit 2 ;;
   esac
 done
 
