@@ -334,6 +334,7 @@ def test_train_router_with_real_minilm_and_real_data(tmp_path: Path) -> None:
             "router.data.views=[instruction]",
             "router.latency_requests=3",
             "router.ood_prototypes_per_label=4",
+            "router.finetune.enabled=true",
             "router.finetune.steps=2",
             "router.finetune.texts_per_label=8",
             "router.finetune.batch_per_label=2",
