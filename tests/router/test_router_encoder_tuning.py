@@ -38,6 +38,11 @@ def test_bad_settings_are_refused():
         FinetuneConfig(batch_per_label=1)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         FinetuneConfig(steps=0)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['seed', 'step'\]"):
+        FinetuneConfig.from_config({"enabled": True, "step": 3, "seed": 1})
+    assert FinetuneConfig.from_config({"enabled": True, "steps": 3}, seed=5) == FinetuneConfig(
+        steps=3, seed=5
+    )
     with pytest.raises(ValueError, match=r"fewer texts than batch_per_label \(8\): \{'law': 4"):
         finetune_encoder(str(packaged_minilm_path()), TEXTS, FinetuneConfig(), Path("unused"))
 

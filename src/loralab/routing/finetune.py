@@ -36,6 +36,15 @@ class FinetuneConfig:
     max_seq_length: int = 128
     seed: int = 0
 
+    @classmethod
+    def from_config(cls, d: Mapping[str, Any], seed: int = 0) -> FinetuneConfig:
+        """From ``router.finetune`` (its ``enabled`` switch aside); unknown keys are refused."""
+        settings = {k: v for k, v in d.items() if k != "enabled"}
+        unknown = sorted(set(settings) - (set(cls.__dataclass_fields__) - {"seed"}))
+        if unknown:
+            raise ValueError(f"router.finetune: unknown setting(s) {unknown}")
+        return cls(**settings, seed=seed)
+
     def __post_init__(self) -> None:
         for name in ("steps", "texts_per_label", "max_seq_length"):
             if int(getattr(self, name)) < 1:

@@ -327,11 +327,7 @@ def _finetune(
     if encoder_cfg.get("kind") != "sentence_transformers":
         log.info("router.finetune: a %s encoder has no weights to tune", encoder_cfg.get("kind"))
         return None
-    settings = {k: v for k, v in to_container(ft).items() if k != "enabled"}
-    unknown = sorted(set(settings) - (set(FinetuneConfig.__dataclass_fields__) - {"seed"}))
-    if unknown:
-        raise ValueError(f"router.finetune: unknown setting(s) {unknown}")
-    config = FinetuneConfig(**settings, seed=int(rcfg.get("seed", 0)))
+    config = FinetuneConfig.from_config(to_container(ft), seed=int(rcfg.get("seed", 0)))
     texts = {
         label: [e.text for e in train if e.label == label] + list(descriptions[label])
         for label in labels
