@@ -123,15 +123,16 @@ def test_prior_systems_are_named_in_config_and_use_the_right_gate_scale_and_pool
 
     names = ["moelora", "moelora_prior", "moelora_prior_infer", "moelora_prior_nobias",
              "moelora_prior_s2", "moelora_prior_s0.5", "moelora_prior_segments",
-             "moelora_prior_infer_request_s0.5", "moelora_prior_infer_f0.05"]  # fmt: skip
+             "moelora_prior_infer_request_s0.5", "moelora_prior_infer_f0.05",
+             "moelora_prior_infer_agree"]  # fmt: skip
     check_names(names, EXPERTS)
     for bad in ("moelora_prior_sx", "moelora_prior_tokens", "moelora_prior_s2_infer",
                 "moelora_prior_f2", "moelora_prior_f0.1_s2"):  # fmt: skip
         with pytest.raises(ValueError, match="unknown system"):
             check_names([bad], EXPERTS)
     assert [gate_of(n) for n in names] == ["moelora", "moelora_prior", "moelora",
-                                           *["moelora_prior"] * 4, "moelora", "moelora"]  # fmt: skip
-    assert [needs_router(n) for n in names] == [False, *[True] * 2, False, *[True] * 5]
+                                           *["moelora_prior"] * 4, *["moelora"] * 3]  # fmt: skip
+    assert [needs_router(n) for n in names] == [False, *[True] * 2, False, *[True] * 6]
 
     from types import SimpleNamespace
 
@@ -140,9 +141,16 @@ def test_prior_systems_are_named_in_config_and_use_the_right_gate_scale_and_pool
 
     request = {"law": 0.7, "code": 0.1, "medical": 0.1, "base": 0.1}
     segments = {"law": 0.5, "code": 0.5, "medical": 0.0, "base": 0.0}
+    law_part = {"law": 0.9, "code": 0.1, "medical": 0.0, "base": 0.0}
+    code_part = {"law": 0.1, "code": 0.9, "medical": 0.0, "base": 0.0}
+    base_part = {"law": 0.2, "code": 0.0, "medical": 0.0, "base": 0.8}
     choices = RouterChoices.__new__(RouterChoices)  # its decisions, without loading a router
     choices.experts, choices.decisions = EXPERTS, {"r1": SimpleNamespace(probs=request)}
-    choices.pooled = {"r1": segments}
+    # r1: a law paragraph and a code one (pooled: `segments`); r2: a law paragraph and a base one
+    choices.segments = {
+        "r1": [(60, law_part), (60, code_part)],
+        "r2": [(60, law_part), (30, base_part)],
+    }
     record = Record("r1", "law", "q", "a")
     trained = PriorSetting(scale=1.0, floor=1e-4, pool="request")
     systems = routed_systems(names, EXPERTS, choices, EXPERTS, prior=trained)
@@ -163,6 +171,14 @@ def test_prior_systems_are_named_in_config_and_use_the_right_gate_scale_and_pool
         names, EXPERTS, choices, EXPERTS, prior=PriorSetting(pool="segments")
     )
     np.testing.assert_allclose(by_segments["moelora_prior"].choose(record).bias, p_segments)
+    # `agree`: two experts' paragraphs get no prior (every slot the same bias: the gate alone)...
+    assert np.ptp(systems["moelora_prior_infer_agree"].choose(record).bias) == 0
+    # ... one expert's paragraph beside a base one keeps the length-weighted prior
+    r2_pooled = {"law": (60 * 0.9 + 30 * 0.2) / 90, "code": 60 * 0.1 / 90, "base": 30 * 0.8 / 90}
+    np.testing.assert_allclose(
+        systems["moelora_prior_infer_agree"].choose(Record("r2", "law", "q", "a")).bias,
+        np.log(np.maximum(slot_probs(r2_pooled, EXPERTS), 1e-4)), rtol=1e-6,
+    )  # fmt: skip
     assert systems["moelora_prior_nobias"].choose(record) is GATE
     with pytest.raises(ValueError, match="needs the router"):
         routed_systems(["moelora_prior"], EXPERTS, None)
@@ -221,6 +237,14 @@ def test_pooled_probabilities_average_the_paragraphs_by_length():
     whole = route_pooled(router, texts[:1], "request")
     assert whole[0]["law"] == pytest.approx(0.94)  # the whole request names the first domain
     assert route_pooled(router, ["??? nothing"], "segments") == [{}]
+    # `agree`: the segments' prior when the paragraphs name one expert, else none
+    chat = "Thanks for reading this, and have a lovely day " + "z" * 40  # no domain word: base
+    agree = route_pooled(router, [*texts, f"{law}\n\n{chat}", f"{chat}\n\n{chat}"], "agree")
+    assert agree[0] == {}  # law and code
+    assert agree[1:3] == pooled[1:3]
+    assert agree[3] == route_pooled(router, [f"{law}\n\n{chat}"], "segments")[0]
+    assert agree[3]["law"] == pytest.approx((60 * 0.94 + len(chat) * 0.02) / (60 + len(chat)))
+    assert agree[4] == {}  # only base
     with pytest.raises(ValueError, match="pool"):
         route_pooled(router, texts, "tokens")
 

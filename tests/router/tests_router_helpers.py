@@ -12,6 +12,7 @@ import numpy as np
 
 from router import HashingEncoder, InputPolicy, Router
 from router.classifier import LinearHead
+from router.encoders import Encoder
 from router.fitting import FitConfig, fit_router
 
 LABELS = ("law", "code", "medical", "base")
@@ -93,9 +94,7 @@ def toy_texts(label: str, n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 14))) for _ in range(n)]
 
 
-def toy_split(
-    encoder: HashingEncoder, n_per_label: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def toy_split(encoder: Encoder, n_per_label: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings ``(4 n, dim)`` and label ids of ``n_per_label`` toy texts per label."""
     texts: list[str] = []
     y: list[int] = []
@@ -105,7 +104,7 @@ def toy_split(
     return encoder.encode(texts), np.asarray(y)
 
 
-def fit_toy_router(encoder: HashingEncoder, **config: Any) -> Router:
+def fit_toy_router(encoder: Encoder, **config: Any) -> Router:
     """A router fitted on the toy corpus (60 texts per label, 20 for validation): routes
     ``QUESTIONS[label]`` to ``label``. ``config``: ``FitConfig`` fields over the tests' defaults."""
     x_train, y_train = toy_split(encoder, 60, seed=0)

@@ -8,10 +8,11 @@ is built on the shared base inside ``SharedBase.lend``, used, unloaded, and the 
 ``moelora_prior`` and its ablations (the router's probabilities as a prior on the gate logits,
 ``loralab.routing.prior``): ``moelora_prior`` the gate trained with the prior, used with it;
 ``moelora_prior_nobias`` the gate trained with the prior, used without it; the other names read
-``moelora_prior[_infer][_request|_segments][_s<x>][_f<y>]``: ``_infer`` the plain MoE-LoRA gate
-with the prior at inference only, ``_request`` / ``_segments`` the router's probabilities pooled
-that way instead of the trained pooling, ``_s<x>`` the prior at scale ``x`` instead of the trained
-scale, ``_f<y>`` the probability floor ``y`` (``0.<digits>``) instead of the trained floor.
+``moelora_prior[_infer][_request|_segments|_agree][_s<x>][_f<y>]``: ``_infer`` the plain MoE-LoRA
+gate with the prior at inference only, ``_request`` / ``_segments`` / ``_agree`` the router's
+probabilities pooled that way instead of the trained pooling, ``_s<x>`` the prior at scale ``x``
+instead of the trained scale, ``_f<y>`` the probability floor ``y`` (``0.<digits>``) instead of the
+trained floor.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ from loralab.baselines import build_arrow, build_xlora
 from loralab.data.records import Record
 from loralab.evaluation.shared_base import SharedBase
 from loralab.evaluation.systems import Choice, GatePrior, ModelSystem, RoutedSystem, gold_choice
-from loralab.routing.prior import decision_probs, gate_bias, route_pooled, slot_probs
+from loralab.routing.prior import (
+    decision_probs,
+    gate_bias,
+    pool_segments,
+    route_pooled,
+    route_segments,
+    slot_probs,
+)
 from loralab.training.xlora import load_xlora_classifier
 
 log = logging.getLogger(__name__)
@@ -39,7 +47,7 @@ log = logging.getLogger(__name__)
 ROUTED = ("base", "oracle", "merge_cat", "router", "router_soft", "moelora", "moelora_prior_nobias")
 # moelora_prior, moelora_prior_infer, moelora_prior_segments, moelora_prior_infer_request_s0.5, ...
 PRIOR_SYSTEM = re.compile(
-    r"moelora_prior(?P<infer>_infer)?(?:_(?P<pool>request|segments))?"
+    r"moelora_prior(?P<infer>_infer)?(?:_(?P<pool>request|segments|agree))?"
     r"(?:_s(?P<scale>\d+(?:\.\d+)?))?(?:_f(?P<floor>0\.\d+))?"
 )
 
@@ -68,20 +76,21 @@ class RouterChoices:
         self.model_version = str(self.router.model_version)
         self.experts = list(experts)
         self.decisions: dict[str, Any] = {}
-        self.pooled: dict[str, dict[str, float]] = {}  # record id -> segment-pooled probabilities
+        # record id -> (characters, probabilities) of each of its paragraphs
+        self.segments: dict[str, list[tuple[int, dict[str, float]]]] = {}
 
     def prepare(self, records: Sequence[Record], segments: bool = False) -> None:
-        """Route ``records`` (one batch call); with ``segments``, also each one's paragraphs,
-        pooled (``loralab.routing.prior.route_pooled``), for the prior systems."""
+        """Route ``records`` (one batch call); with ``segments``, also each one's paragraphs
+        (``loralab.routing.prior.route_segments``), for the prior systems."""
         todo = list({r.id: r for r in records if r.id not in self.decisions}.values())
         if todo:
             decisions = self.router.route_batch([r.instruction for r in todo])
             for r, d in zip(todo, decisions, strict=True):
                 self.decisions[r.id] = d
-        todo = list({r.id: r for r in records if r.id not in self.pooled}.values())
+        todo = list({r.id: r for r in records if r.id not in self.segments}.values())
         if segments and todo:
-            pooled = route_pooled(self.router, [r.instruction for r in todo], "segments")
-            self.pooled.update((r.id, p) for r, p in zip(todo, pooled, strict=True))
+            routed = route_segments(self.router, [r.instruction for r in todo])
+            self.segments.update((r.id, p) for r, p in zip(todo, routed, strict=True))
 
     def release(self) -> None:
         """Drop the router (its encoder) once no system needs new decisions; keep the decisions."""
@@ -109,9 +118,9 @@ class RouterChoices:
         return self._soft(self.router.route(record.instruction))
 
     def _probs(self, record: Record, pool: str) -> Mapping[str, float]:
-        if pool == "segments":
-            return self.pooled[record.id]
-        return decision_probs(self.decisions[record.id])
+        if pool == "request":
+            return decision_probs(self.decisions[record.id])
+        return pool_segments(self.segments[record.id], pool)
 
     def prior(self, slots: Sequence[str], setting: PriorSetting) -> Callable[[Record], Choice]:
         """record -> ``GatePrior``: the gate-logit prior of the router's probabilities over the

@@ -12,7 +12,10 @@ Pooling (``moelora.prior.pool``): ``request`` routes the whole request once; ``s
 each of its paragraphs (``request_segments``) and averages their probabilities weighted by length.
 A request that asks two things in two paragraphs gets a prior split between its two domains (the
 whole-request decision names one of them with confidence), and the gate chooses between those two
-token by token; a single-domain request keeps a sharp prior (its paragraphs agree).
+token by token; a single-domain request keeps a sharp prior (its paragraphs agree). ``agree``
+applies the ``segments`` prior only when the paragraphs' top labels other than ``base`` name one
+expert: a request whose paragraphs name two experts, or only ``base``, gets no prior, and the gate
+routes it alone.
 
 ``RouterPriors`` routes records once and caches their probabilities in a JSON file keyed by the
 router's model version, so the gate's training data is routed once per router.
@@ -35,7 +38,7 @@ from loralab.io_utils import atomic_write_json
 log = logging.getLogger(__name__)
 
 NONE_SLOT = "none"  # moelora's null-expert slot
-POOLS = ("request", "segments")
+POOLS = ("request", "segments", "agree")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
@@ -65,28 +68,42 @@ def request_segments(text: str, min_chars: int = 40, max_segments: int = 8) -> l
     return out or [text]
 
 
+def route_segments(router: Any, texts: Sequence[str]) -> list[list[tuple[int, dict[str, float]]]]:
+    """Each text's segments (``request_segments``) as ``(characters, router probabilities)``,
+    routed in one batch call."""
+    segments = [request_segments(t) for t in texts]
+    decisions = iter(router.route_batch([s for parts in segments for s in parts]))
+    return [[(len(part), decision_probs(next(decisions))) for part in parts] for parts in segments]
+
+
+def pool_segments(
+    segments: Sequence[tuple[int, Mapping[str, float]]], pool: str
+) -> dict[str, float]:
+    """One text's segment probabilities pooled as ``segments`` (averaged, weighted by length) or
+    ``agree`` (the same, when the segments' top labels other than ``base`` are one expert; else
+    ``{}``: no prior). A segment without probabilities counts for nothing; none at all gives ``{}``."""
+    total: dict[str, float] = {}
+    weight = 0.0
+    tops: set[str] = set()
+    for n_chars, probs in segments:
+        if probs:
+            weight += n_chars
+            tops.add(max(probs, key=lambda label: probs[label]))
+            for label, p in probs.items():
+                total[label] = total.get(label, 0.0) + n_chars * p
+    if not weight or (pool == "agree" and len(tops - {BASE_LABEL}) != 1):
+        return {}
+    return {label: p / weight for label, p in total.items()}
+
+
 def route_pooled(router: Any, texts: Sequence[str], pool: str) -> list[dict[str, float]]:
     """The router's label probabilities for each of ``texts``, pooled as ``pool`` says (one batch
-    call for all texts or all their segments). A segment the router gives no probabilities (no
-    decision) counts for nothing; a text none of whose segments has any gets ``{}``."""
+    call for all texts or all their segments)."""
     if pool not in POOLS:
         raise ValueError(f"moelora.prior.pool must be one of {POOLS}, got {pool!r}")
     if pool == "request":
         return [decision_probs(d) for d in router.route_batch(list(texts))]
-    segments = [request_segments(t) for t in texts]
-    decisions = iter(router.route_batch([s for parts in segments for s in parts]))
-    out = []
-    for parts in segments:
-        total: dict[str, float] = {}
-        weight = 0.0
-        for part in parts:
-            probs = decision_probs(next(decisions))
-            if probs:
-                weight += len(part)
-                for label, p in probs.items():
-                    total[label] = total.get(label, 0.0) + len(part) * p
-        out.append({label: p / weight for label, p in total.items()} if weight else {})
-    return out
+    return [pool_segments(parts, pool) for parts in route_segments(router, texts)]
 
 
 def decision_probs(decision: Any) -> dict[str, float]:
