@@ -189,7 +189,7 @@ def check_encoder(encoder: Encoder, config: Mapping[str, Any], probe: np.ndarray
     now = encoder.fingerprint()
     diffs = [
         f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
-        for k in ("dim", "quantize", "max_seq_length", "weights_sha256")
+        for k in ("dim", "quantize", "max_seq_length", "weights_sha256", "encode")
         if saved.get(k) != now.get(k)
         and not (k == "weights_sha256" and None in (saved.get(k), now.get(k)))
     ]

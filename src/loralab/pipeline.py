@@ -116,6 +116,29 @@ def saved_router_labels(router_dir: Path) -> list[str] | None:
     return [str(x) for x in json.loads(path.read_text(encoding="utf-8"))["labels"]]
 
 
+def router_encoder_changed(router_dir: Path) -> str | None:
+    """Why the saved router no longer loads with its encoder (its fingerprint or probe embeddings
+    differ: the encoder's weights or how it encodes changed), None when it loads."""
+    import router
+
+    try:
+        router.load(router_dir)
+    except router.EncoderMismatchError as error:
+        return str(error)
+    return None
+
+
+def prior_router_changed(gate_dir: Path, router_dir: Path) -> bool:
+    """Whether the gate in ``gate_dir`` was trained with the prior of another router version than
+    the one saved in ``router_dir``."""
+    training, saved = gate_dir / "training.json", router_dir / "router.json"
+    if not training.is_file() or not saved.is_file():
+        return False
+    prior = json.loads(training.read_text(encoding="utf-8")).get("prior") or {}
+    version = json.loads(saved.read_text(encoding="utf-8")).get("model_version")
+    return prior.get("router_model_version") != version
+
+
 def saved_gate_experts(gate_dir: Path) -> list[str] | None:
     """The expert names of the gate saved in ``gate_dir``, None if there is none."""
     from moelora import read_gate_metadata
@@ -187,14 +210,18 @@ def _run_pipeline(
         )  # fmt: skip
     if "router" in stages:
         saved = saved_router_labels(dirs["router"])
-        if _retrain(cfg, "router") or saved != labels:
+        stale = None if saved is None else router_encoder_changed(dirs["router"])
+        if stale is not None:
+            log.warning("%s: trained again, the router no longer loads: %s", dirs["router"], stale)
+        if _retrain(cfg, "router") or saved != labels or stale is not None:
             from loralab.routing import train_router
 
             started = time.perf_counter()
             stage_cfg = compose_stage("train_router", experiment, user_overrides, out / "router")
             done = train_router(stage_cfg)
             _same("router", done["router_dir"], dirs["router"])
-            action = "trained" if saved is None or _retrain(cfg, "router") else "refit"
+            anew = saved is None or _retrain(cfg, "router") or stale is not None
+            action = "trained" if anew else "refit"
             steps.record(
                 "router", started, action=action, labels=labels, previous_labels=saved,
                 encoded_texts=done["metrics"]["encoded_texts"],
@@ -268,6 +295,13 @@ def _gate_stage(
     out = Path(cfg.paths.output_dir) / stage
     saved = saved_gate_experts(dirs[stage])
     retrain = _retrain(cfg, stage)
+    if (
+        stage == "moelora_prior"
+        and saved == domains
+        and prior_router_changed(dirs[stage], dirs["router"])
+    ):
+        log.info("%s: trained again, its prior's router has changed", dirs[stage])
+        retrain = True
     if saved == domains and not retrain:
         steps.record(stage, time.perf_counter(), action="reused", experts=domains)
         return

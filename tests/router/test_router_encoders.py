@@ -48,3 +48,17 @@ def test_a_batch_of_requests_gets_the_decisions_each_gets_alone(int8):
         assert (decision.label, decision.reason) == (single.label, single.reason)
         # the same embedding; only the head's float32 matmul rounds by batch shape (BLAS)
         assert decision.probs == pytest.approx(single.probs, rel=1e-4, abs=1e-9)
+
+
+def test_a_router_saved_by_an_int8_encoder_that_batched_is_refused(int8, tmp_path):
+    import json
+
+    from router import EncoderMismatchError, Router
+
+    fit_toy_router(int8).save(tmp_path / "r")
+    assert Router.load(tmp_path / "r").route(QUESTIONS["law"]).label == "law"
+    config = json.loads((tmp_path / "r" / "router.json").read_text())
+    del config["encoder"]["fingerprint"]["encode"]  # as routers were saved before per-text int8
+    (tmp_path / "r" / "router.json").write_text(json.dumps(config))
+    with pytest.raises(EncoderMismatchError, match="encode: saved None, now 'per_text'"):
+        Router.load(tmp_path / "r")
