@@ -348,3 +348,37 @@ def test_a_bad_extra_set_stops_the_main_job_before_training(tmp_path):
     assert proc.returncode != 0
     assert f"{bad}:1: field 'choices' must be a list of >= 2 distinct" in proc.stderr
     assert not (out / "experts").exists()
+
+
+def test_a_router_that_no_longer_loads_and_a_gate_of_another_router_prior_are_retrained(
+    smoke_run, tmp_path
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    config_file = run / "router/router/router.json"
+    config = json.loads(config_file.read_text())
+    version = config["model_version"]
+    config["encoder"]["fingerprint"]["encode"] = "per_text"  # not how this encoder encodes
+    config_file.write_text(json.dumps(config))
+    training_file = run / "moelora_prior/moelora/training.json"
+    training = json.loads(training_file.read_text())
+    training["prior"]["router_model_version"] = "0" * 12  # trained with another router's prior
+    training_file.write_text(json.dumps(training))
+    gate = run / "moelora/moelora/gate.safetensors"
+    before = gate.stat().st_mtime_ns
+    proc = _run(run, "pipeline.stages=[experts,router,moelora,moelora_prior,xlora]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "encode: saved 'per_text', now None" in (run / "run_pipeline.log").read_text()
+    steps = json.loads((run / "pipeline_steps.json").read_text())["runs"][-1]["steps"]
+    actions = {s: steps[s]["action"] for s in ("router", "moelora", "moelora_prior", "xlora")}
+    assert actions == {
+        "router": "trained", "moelora": "reused", "moelora_prior": "trained", "xlora": "reused"
+    }  # fmt: skip
+    assert gate.stat().st_mtime_ns == before
+    saved = json.loads(config_file.read_text())
+    assert "encode" not in saved["encoder"]["fingerprint"]
+    training = json.loads(training_file.read_text())
+    assert training["prior"]["router_model_version"] == saved["model_version"]
+    assert version == saved["model_version"]  # same data, same encoder: the same router again
