@@ -350,6 +350,7 @@ def test_train_router_with_real_minilm_and_real_data(tmp_path: Path) -> None:
     assert saved["fingerprint"]["weights_sha256"] == file_sha256(
         tmp_path / "router" / "encoder" / "model.safetensors"
     )
+    assert not (tmp_path / "encoder").exists()  # kept once, in the router folder
     assert result["metrics"]["timing_s"]["finetune"] > 0
     router = Router.load(tmp_path / "router")
     decisions = router.route_batch(

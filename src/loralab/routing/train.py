@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -300,6 +301,8 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         extra={"config": to_container(rcfg), "summary": summary},
         bundle_encoder=tuned is not None,
     )
+    if tuned is not None:
+        shutil.rmtree(tuned)  # the router folder now holds the tuned encoder: one copy
     metrics["model_version"] = version
     metrics["router_dir"] = str(router_dir)
     atomic_write_json(out_dir / "router_metrics.json", metrics)
@@ -317,7 +320,8 @@ def _finetune(
     out_dir: Path,
 ) -> Path | None:
     """``router.finetune``: the encoder tuned on the train texts and label descriptions, saved to
-    ``<run dir>/encoder`` (None when disabled or the encoder is not a sentence-transformers one)."""
+    ``<run dir>/encoder`` until the router bundles it (None when disabled or the encoder is not a
+    sentence-transformers one)."""
     ft = rcfg.get("finetune")
     if not ft or not ft.enabled:
         return None
