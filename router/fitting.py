@@ -35,7 +35,7 @@ class FitConfig:
     prior_scale: float = 20.0
     calibrate: bool = True
     target_coverage: float | None = None
-    max_risk: float | None = 0.02
+    max_risk: float | None = 0.015
     ood_quantile: float = 0.002
     prototypes_per_label: int = 32
     seed: int = 0

@@ -249,6 +249,20 @@ def test_pooled_probabilities_average_the_paragraphs_by_length():
         route_pooled(router, texts, "tokens")
 
 
+def test_a_one_paragraph_text_reuses_its_whole_request_decision():
+    from loralab.routing.prior import route_segments
+
+    law = "The court ruled on the appeal " + "x" * 30
+    code = "A python loop " + "y" * 106
+    texts = [law, f"{law}\n\n{code}"]
+    router = _KeywordRouter()
+    whole = router.route_batch(texts)
+    reused = route_segments(router, texts, whole)
+    assert router.calls[1:] == [[law, code]]  # only the two-paragraph text is split and routed
+    assert reused == route_segments(_KeywordRouter(), texts)
+    assert reused[0] == [(len(law), whole[0].probs)]
+
+
 def test_router_priors_are_cached_per_router_version_and_pooling(tmp_path):
     from loralab.data.records import Record
     from loralab.routing.prior import RouterPriors

@@ -89,7 +89,8 @@ class RouterChoices:
                 self.decisions[r.id] = d
         todo = list({r.id: r for r in records if r.id not in self.segments}.values())
         if segments and todo:
-            routed = route_segments(self.router, [r.instruction for r in todo])
+            whole = [self.decisions[r.id] for r in todo]
+            routed = route_segments(self.router, [r.instruction for r in todo], whole)
             self.segments.update((r.id, p) for r, p in zip(todo, routed, strict=True))
 
     def release(self) -> None:

@@ -121,11 +121,14 @@ class RoutedScorer:
         self.table: dict[tuple[str, int, SingleChoice], tuple[float, int]] = {}
         self.forwards = 0
         self.tokens = 0
+        self._groups: dict[str, list[PromptGroup]] = {}  # set name -> its prompt groups
 
     def _units(self, eval_set: EvalSet) -> Iterator[tuple[list[PromptGroup], Batch | None]]:
         """(groups, their right-padded batch) per batch; the batch is None for shared prompts."""
         if eval_set.shared_prompts:
-            for groups in group_batches(prompt_groups(eval_set), self.batch_size):
+            if eval_set.name not in self._groups:
+                self._groups[eval_set.name] = prompt_groups(eval_set)
+            for groups in group_batches(self._groups[eval_set.name], self.batch_size):
                 yield groups, None
             return
         for idx, batch, _ in eval_set.batches(self.batch_size, self.pad_id, self.device):

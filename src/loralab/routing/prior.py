@@ -68,12 +68,24 @@ def request_segments(text: str, min_chars: int = 40, max_segments: int = 8) -> l
     return out or [text]
 
 
-def route_segments(router: Any, texts: Sequence[str]) -> list[list[tuple[int, dict[str, float]]]]:
+def route_segments(
+    router: Any, texts: Sequence[str], whole: Sequence[Any] | None = None
+) -> list[list[tuple[int, dict[str, float]]]]:
     """Each text's segments (``request_segments``) as ``(characters, router probabilities)``,
-    routed in one batch call."""
+    routed in one batch call. ``whole``: the texts' own decisions, if already made; a text that is
+    its only segment takes its decision instead of being routed again."""
     segments = [request_segments(t) for t in texts]
-    decisions = iter(router.route_batch([s for parts in segments for s in parts]))
-    return [[(len(part), decision_probs(next(decisions))) for part in parts] for parts in segments]
+    reuse = [whole is not None and parts == [t] for t, parts in zip(texts, segments, strict=True)]
+    todo = [s for parts, known in zip(segments, reuse, strict=True) if not known for s in parts]
+    decisions = iter(router.route_batch(todo) if todo else [])
+    out = []
+    for k, (parts, known) in enumerate(zip(segments, reuse, strict=True)):
+        if known:
+            assert whole is not None
+            out.append([(len(parts[0]), decision_probs(whole[k]))])
+        else:
+            out.append([(len(part), decision_probs(next(decisions))) for part in parts])
+    return out
 
 
 def pool_segments(
