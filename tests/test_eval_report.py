@@ -245,6 +245,29 @@ def test_report_skips_absent_plots_and_says_so(results: dict, tmp_path: Path) ->
     assert "_Skipped: no `routing.router.confusion` in the results._" in text
 
 
+def test_report_leaves_out_sections_a_run_has_no_data_for(results: dict) -> None:
+    """A generation-only run (no NLL or choice sets, nothing routed for the router table) gets no
+    empty paired-test tables and no router section."""
+    from loralab.evaluation.plots import PLOTS
+    from loralab.evaluation.report import render_report
+
+    gen_only = {k: results[k] for k in ("systems", "sets")}
+    gen_only["metrics"] = [m for m in results["metrics"] if m["metric"] == "pass_rate"]
+    gen_only["paired_tests"] = {"router_vs_moelora": {}}
+    rates = results["paired_tests_accuracy"]["router_vs_moelora"]
+    gen_only["paired_tests_accuracy"] = {"router_vs_moelora": {"gen_code": rates["pubmedqa"]}}
+    gen_only["routing"] = {
+        "router": {"accuracy": None, "labels": ["law", "base"], "confusion": [[0, 0], [0, 0]]}
+    }
+    text = render_report(gen_only, {}, {stem: PLOTS[stem][2] for stem in PLOTS}, Path("."))
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert not [h for h in headings if h.startswith("## Paired bootstrap")]
+    assert "## Router" not in headings
+    assert text.count("## Paired test: router − moelora (accuracy / pass-rate difference)") == 1
+    assert "| gen_code |" in text
+    assert "## Generation (greedy; pass_rate = pass@1" in text
+
+
 def test_pareto_plot_marks_the_front(results: dict) -> None:
     from loralab.evaluation.plots import mean_domain_nll, plot_pareto
 

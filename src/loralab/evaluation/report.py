@@ -186,7 +186,10 @@ def _quality_section(results: Mapping[str, Any], table: Mapping[MetricKey, Any])
 
 
 def _paired_table(title: str, reading: str, sets: Mapping[str, Any]) -> list[str]:
-    """One paired test's section: per set the difference, its interval and p-value."""
+    """One paired test's section: per set the difference, its interval and p-value (none when
+    the run has no set of that kind)."""
+    if not sets:
+        return []
     rows = [
         [t, _fmt(d["diff"]), f"[{_fmt(d['low'])}, {_fmt(d['high'])}]", _fmt(d["p_value"], 4)]
         for t, d in sets.items()
@@ -268,7 +271,7 @@ def _routing_section(results: Mapping[str, Any]) -> list[str]:
     routing = results.get("routing") or {}
     lines: list[str] = []
     router = routing.get("router")
-    if router:
+    if router and router.get("accuracy") is not None:  # None: no single-domain set was routed
         lines += [
             "## Router",
             "",
