@@ -266,6 +266,9 @@ def test_report_leaves_out_sections_a_run_has_no_data_for(results: dict) -> None
     assert text.count("## Paired test: router − moelora (accuracy / pass-rate difference)") == 1
     assert "| gen_code |" in text
     assert "## Generation (greedy; pass_rate = pass@1" in text
+    from loralab.evaluation.routing_plots import plot_router_confusion
+
+    assert plot_router_confusion(gen_only) is None  # an all-zero confusion is not drawn
 
 
 def test_pareto_plot_marks_the_front(results: dict) -> None:

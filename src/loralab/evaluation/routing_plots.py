@@ -43,6 +43,8 @@ def plot_router_confusion(results: Mapping[str, Any]) -> Figure | None:
     if not router or "confusion" not in router:
         return None
     counts = np.asarray(router["confusion"], dtype=np.float64)
+    if not counts.any():  # nothing was routed (a run without single-domain sets)
+        return None
     totals = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     labels = router["labels"]
