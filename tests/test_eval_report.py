@@ -250,6 +250,7 @@ def test_report_leaves_out_sections_a_run_has_no_data_for(results: dict) -> None
     empty paired-test tables and no router section."""
     from loralab.evaluation.plots import PLOTS
     from loralab.evaluation.report import render_report
+    from loralab.evaluation.routing_plots import plot_router_confusion
 
     gen_only = {k: results[k] for k in ("systems", "sets")}
     gen_only["metrics"] = [m for m in results["metrics"] if m["metric"] == "pass_rate"]
@@ -266,8 +267,6 @@ def test_report_leaves_out_sections_a_run_has_no_data_for(results: dict) -> None
     assert text.count("## Paired test: router − moelora (accuracy / pass-rate difference)") == 1
     assert "| gen_code |" in text
     assert "## Generation (greedy; pass_rate = pass@1" in text
-    from loralab.evaluation.routing_plots import plot_router_confusion
-
     assert plot_router_confusion(gen_only) is None  # an all-zero confusion is not drawn
 
 
