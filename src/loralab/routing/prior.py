@@ -75,17 +75,17 @@ def route_segments(
     routed in one batch call. ``whole``: the texts' own decisions, if already made; a text that is
     its only segment takes its decision instead of being routed again."""
     segments = [request_segments(t) for t in texts]
-    reuse = [whole is not None and parts == [t] for t, parts in zip(texts, segments, strict=True)]
-    todo = [s for parts, known in zip(segments, reuse, strict=True) if not known for s in parts]
-    decisions = iter(router.route_batch(todo) if todo else [])
-    out = []
-    for k, (parts, known) in enumerate(zip(segments, reuse, strict=True)):
-        if known:
-            assert whole is not None
-            out.append([(len(parts[0]), decision_probs(whole[k]))])
-        else:
-            out.append([(len(part), decision_probs(next(decisions))) for part in parts])
-    return out
+    known = {
+        k: whole[k]
+        for k, (t, parts) in enumerate(zip(texts, segments, strict=True))
+        if whole is not None and parts == [t]
+    }
+    todo = [s for k, parts in enumerate(segments) if k not in known for s in parts]
+    fresh = iter(router.route_batch(todo) if todo else [])
+    return [
+        [(len(part), decision_probs(known[k] if k in known else next(fresh))) for part in parts]
+        for k, parts in enumerate(segments)
+    ]
 
 
 def pool_segments(
