@@ -169,3 +169,28 @@ class DescriptionPrior:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self.scale * self.similarities(x)
+
+
+@dataclass(frozen=True)
+class HeadGate:
+    """How much the trained head counts for each input, in ``[0, 1]``.
+
+    The head is fitted on the training data's styles and extrapolates confidently off them (a
+    database-theory exam question read as a general question); the description prior does not
+    depend on them. The weight is 0 where the input's best cosine to the training prototypes
+    ``(p, dim)`` is at most ``low``, 1 from ``high`` on, linear between; ``fit_router`` sets
+    ``low`` and ``high`` at quantiles of the validation split's similarities.
+    """
+
+    prototypes: np.ndarray  # (p, dim) unit rows: k-means centroids of the training embeddings
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not self.high > self.low:
+            raise ValueError(f"head gate needs high > low, got low={self.low}, high={self.high}")
+
+    def weights(self, x: np.ndarray) -> np.ndarray:
+        """``(n, dim)`` -> ``(n,)`` head weights."""
+        similarity = (x @ self.prototypes.T).max(axis=1)
+        return np.clip((similarity - self.low) / (self.high - self.low), 0.0, 1.0)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from router.calibration import Thresholds, softmax
-from router.classifier import DescriptionPrior, Head
+from router.classifier import DescriptionPrior, Head, HeadGate
 from router.decision import Decision, Reason
 from router.encoders import Encoder
 from router.inputs import BadInput, InputPolicy, check_text, clean_text, request_text
@@ -30,7 +30,8 @@ class Scores:
 class Router:
     """A trained request router.
 
-    ``logits = head(x) + prior_weight * prior(x)``; ``probs = softmax(logits / temperature)``.
+    ``logits = gate(x) * head(x) + prior_weight * prior(x)``, where ``gate(x)`` is 1 without a
+    ``head_gate``; ``probs = softmax(logits / temperature)``.
     A request is routed to its top label unless it is bad input, out of distribution
     (``ood < thresholds.min_ood_score``) or an expert prediction with too low a probability or
     margin, in which case it goes to ``base_label`` and the decision says why.
@@ -47,6 +48,7 @@ class Router:
     prior: DescriptionPrior | None = None
     prior_weight: float = 0.0
     prototypes: np.ndarray | None = None  # (p, dim) unit rows for the OOD score
+    head_gate: HeadGate | None = None
     descriptions: Mapping[str, Sequence[str]] = field(default_factory=dict)
     base_label: str = "base"
     model_version: str = "unsaved"
@@ -62,6 +64,8 @@ class Router:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """``(n, dim)`` embeddings -> ``(n, n_labels)`` uncalibrated logits."""
         z = self.head.logits(x)
+        if self.head_gate is not None:
+            z = self.head_gate.weights(x)[:, None] * z
         if self.prior is not None and self.prior_weight:
             z = z + self.prior_weight * self.prior.logits(x)
         return z

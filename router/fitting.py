@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.calibration import fit_temperature, fit_thresholds
-from router.classifier import DescriptionPrior, fit_head
+from router.classifier import DescriptionPrior, HeadGate, fit_head
 from router.core import Router
 from router.encoders import Encoder
 from router.inputs import InputPolicy
@@ -24,7 +24,9 @@ class FitConfig:
     ``prior_scale`` x best cosine to a label's descriptions is added to its logit (0 = off).
     Thresholds: ``target_coverage`` or ``max_risk`` (one of them) on validation expert
     predictions; ``ood_quantile`` of validation OOD scores. ``prototypes_per_label`` k-means
-    centroids per label (0 = no OOD check)."""
+    centroids per label (0 = no OOD check). ``head_gate``: (low, high) quantiles of the validation
+    split's similarity to those centroids, between which the head's weight rises from 0 to 1
+    (``HeadGate``; None = the head always counts fully)."""
 
     head: str = "logreg"
     c: float = 1.0
@@ -35,10 +37,24 @@ class FitConfig:
     prior_scale: float = 20.0
     calibrate: bool = True
     target_coverage: float | None = None
-    max_risk: float | None = 0.015
+    max_risk: float | None = 0.02
     ood_quantile: float = 0.002
     prototypes_per_label: int = 32
+    head_gate: tuple[float, float] | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head_gate is not None:
+            low, high = self.head_gate
+            if not 0.0 <= low < high <= 1.0:
+                raise ValueError(
+                    f"head_gate quantiles need 0 <= low < high <= 1, got {low}, {high}"
+                )
+            if self.prototypes_per_label <= 0:
+                raise ValueError(
+                    "head_gate needs prototypes_per_label > 0: it weighs the head by the "
+                    "similarity to those centroids"
+                )
 
 
 def description_prior(
@@ -112,11 +128,14 @@ def fit_router(
     prior = None
     if descriptions and cfg.prior_weight:
         prior = description_prior(encoder, labels, descriptions, cfg.prior_scale)
-    prototypes = None
+    prototypes, gate = None, None
     if cfg.prototypes_per_label > 0:
         prototypes = ood_prototypes(
             x_train, y_train, len(labels), cfg.prototypes_per_label, cfg.seed
         )
+        if cfg.head_gate is not None:
+            low, high = np.quantile((x_val @ prototypes.T).max(axis=1), cfg.head_gate)
+            gate = HeadGate(prototypes, float(low), float(high))
         if prior is not None:
             prototypes = np.concatenate([prototypes, prior.embeddings]).astype(np.float32)
     router = Router(
@@ -127,6 +146,7 @@ def fit_router(
         prior=prior,
         prior_weight=cfg.prior_weight if prior is not None else 0.0,
         prototypes=prototypes,
+        head_gate=gate,
         descriptions={k: list(v) for k, v in (descriptions or {}).items()},
         base_label=base_label,
     )

@@ -2,9 +2,9 @@
 
 The JSON holds the format version, labels, encoder spec and fingerprint, temperature, thresholds,
 input policy, descriptions and the SHA-256 of the tensor file; the tensors hold the head, the
-description embeddings, the OOD prototypes and the embeddings of a few probe texts. A router whose
-encoder was tuned for it carries the encoder in ``encoder/`` (a sentence-transformers folder,
-safetensors), so the folder moves as one. Loading re-encodes the probe texts and refuses an encoder
+description embeddings, the OOD prototypes, the head gate's prototypes (if any) and the embeddings
+of a few probe texts. A router whose encoder was tuned for it carries the encoder in ``encoder/``
+(a sentence-transformers folder, safetensors), so the folder moves as one. Loading re-encodes the probe texts and refuses an encoder
 whose fingerprint (weights SHA-256 included) or embeddings differ.
 """
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from router.calibration import Thresholds
-from router.classifier import DescriptionPrior, head_from_tensors
+from router.classifier import DescriptionPrior, HeadGate, head_from_tensors
 from router.encoders import Encoder, EncoderSpec, build_encoder, resolve_model_name
 from router.inputs import InputPolicy
 
@@ -123,6 +123,8 @@ def save_router(
         tensors["prior.label_index"] = router.prior.label_index.astype(np.int64)
     if router.prototypes is not None:
         tensors["ood.prototypes"] = router.prototypes
+    if router.head_gate is not None:
+        tensors["head_gate.prototypes"] = router.head_gate.prototypes
     tensors["probe.embeddings"] = router.encoder.encode(list(PROBE_TEXTS))
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     config: dict[str, Any] = {
@@ -143,6 +145,8 @@ def save_router(
         "batch_size": router.batch_size,
         "extra": dict(extra or {}),
     }
+    if router.head_gate is not None:  # absent otherwise: an ungated router keeps its version
+        config["head_gate"] = {"low": router.head_gate.low, "high": router.head_gate.high}
     with _atomic_directory(Path(path)) as tmp:
         if source is not None:
             shutil.copytree(source, tmp / ENCODER_DIR)
@@ -240,6 +244,13 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
                 float(config["prior"]["scale"]),
             )
         prototypes = tensors.get("ood.prototypes")
+        head_gate = None
+        if config.get("head_gate"):
+            head_gate = HeadGate(
+                tensors["head_gate.prototypes"],
+                float(config["head_gate"]["low"]),
+                float(config["head_gate"]["high"]),
+            )
         thresholds = Thresholds(**config["thresholds"])
         policy = InputPolicy(**config["policy"])
     except (KeyError, TypeError, ValueError) as e:
@@ -273,6 +284,7 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
         prior=prior,
         prior_weight=float(config["prior"]["weight"]) if config.get("prior") else 0.0,
         prototypes=prototypes,
+        head_gate=head_gate,
         descriptions=config.get("descriptions", {}),
         base_label=config["base_label"],
         model_version=config["model_version"],

@@ -163,13 +163,20 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
     from loralab.routing.train import build_examples
 
     _write_data(tmp_path / "data")
-    cfg = _config(tmp_path, f"router.ood_prototypes_per_label={prototypes}")
+    no_gate = [] if prototypes else ["router.head_gate=null"]  # the gate reads the prototypes
+    cfg = _config(tmp_path, f"router.ood_prototypes_per_label={prototypes}", *no_gate)
     result = train_router(cfg)
     run = tmp_path / "run"
     metrics = json.loads((run / "router_metrics.json").read_text())
     assert result["model_version"] == metrics["model_version"]
     assert metrics["sets"]["test"]["accuracy"] >= 0.9
-    assert set(metrics["sets"]) == {"test", "out_of_style", "probe", "exam_dev", "exam_sealed"}
+    assert set(metrics["sets"]) == {
+        "test",
+        "out_of_style",
+        "probe",
+        *(f"{check}_{half}" for check in ("exam", "exam2") for half in ("dev", "sealed")),
+    }
+    assert metrics["sets"]["exam2_sealed"]["n"] == 240
     # generated views were made from the toy records and trained on
     assert metrics["router"]["n_train"] > 4 * 40 * 2
     assert set(metrics["baselines"]["test"]) == {

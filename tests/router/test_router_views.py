@@ -11,11 +11,13 @@ from loralab.data.records import Record
 from loralab.routing import views as gen
 from loralab.routing.datasets import ViewPools, question_of, record_views
 from loralab.routing.exam_check import (
-    EXAM_CHECK_FILE,
     ExamCheckModifiedError,
+    exam_check_file,
     exam_items,
     halves,
 )
+
+LABELS = ("law", "code", "medical", "base")
 
 SYMPTOMS = Record(
     "med-1",
@@ -97,23 +99,34 @@ def test_question_of_prefers_the_asking_paragraph_and_drops_field_names() -> Non
     assert question_of(r) == "Did the trial court err"
 
 
-def test_exam_check_is_frozen_and_split_in_stable_halves(tmp_path: Path) -> None:
-    items = exam_items()
-    assert len(items) == 240 and len({i.id for i in items}) == 240
-    dev, sealed = exam_items("dev"), exam_items("sealed")
-    assert len(dev) + len(sealed) == 240 and not {i.id for i in dev} & {i.id for i in sealed}
-    for label in ("law", "code", "medical", "base"):
-        n_dev = sum(i.label == label for i in dev)
-        n_all = sum(i.label == label for i in items)
-        assert n_dev == n_all // 2
+@pytest.mark.parametrize(
+    ("check", "per_label"),
+    [
+        ("exam", {"law": 61, "code": 59, "medical": 59, "base": 61}),
+        ("exam2", dict.fromkeys(LABELS, 120)),
+    ],
+)
+def test_exam_checks_are_frozen_and_split_in_stable_halves(
+    tmp_path: Path, check: str, per_label: dict[str, int]
+) -> None:
+    items = exam_items(check=check)
+    assert len({i.id for i in items}) == len(items) == sum(per_label.values())
+    assert {lab: sum(i.label == lab for i in items) for lab in per_label} == per_label
+    dev, sealed = exam_items("dev", check), exam_items("sealed", check)
+    assert len(dev) + len(sealed) == len(items) and not {i.id for i in dev} & {i.id for i in sealed}
+    for label, n in per_label.items():
+        assert sum(i.label == label for i in dev) == n // 2
     first = items[0]
-    assert first.text.splitlines()[0] == first.question
-    assert first.text.splitlines()[1] == f"A. {first.options[0]}"
+    assert first.text.splitlines()[0] == first.question.splitlines()[0]
+    assert first.text.splitlines()[-4] == f"A. {first.options[0]}"
     # the split is a function of the ids alone
     assert halves([(i.id, i.label) for i in items]) == {i.id: i.half for i in items}
     edited = tmp_path / "exam.jsonl"
-    edited.write_bytes(EXAM_CHECK_FILE.read_bytes().replace(b"grocery", b"hardware"))
+    data = exam_check_file(check).read_bytes()
+    edited.write_bytes(data.replace(b'"law"', b'"base"', 1))
     with pytest.raises(ExamCheckModifiedError, match="SHA-256"):
-        exam_items(path=edited)
+        exam_items(check=check, path=edited)
     with pytest.raises(ValueError, match="half"):
-        exam_items("train")
+        exam_items("train", check)
+    with pytest.raises(ValueError, match="unknown exam check 'exam3'"):
+        exam_items(check="exam3")

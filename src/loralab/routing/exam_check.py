@@ -1,16 +1,18 @@
-"""The frozen exam-style check: 240 multiple-choice questions written for this project.
+"""The frozen exam-style checks: multiple-choice questions written for this project.
 
-Four labels (law 61, medical 59, code 59, base 61) over many sub-topics (bar-exam fact patterns in
-torts, criminal, constitutional, evidence, property, civil procedure, contracts; clinical vignettes,
-pharmacology, physiology, mechanisms, public health; CS theory, complexity, pseudo-code, systems,
-networking, databases; mathematics, sciences, history, economics, accounting, psychology, ...).
+``exam`` (240 items: law 61, medical 59, code 59, base 61) was written before any of the router's
+robustness work, over many sub-topics per label (bar-exam fact patterns, clinical vignettes,
+pharmacology, public health; CS theory, pseudo-code, systems; mathematics, sciences, history,
+economics, ...). ``exam2`` (480 items, 120 per label) was written later, by four writers who never
+saw the router, in the composition of the held-back exam set of issue 13: long professional-law fact
+patterns; clinical knowledge, college and professional medicine; college and high-school computer
+science, computer security and machine learning; forty other school and professional subjects.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
-Written before any of the router's robustness work and never trained on. Each label is split in
-two by a hash of the item id: the ``dev`` half may be looked at while choosing the design, the
-``sealed`` half is evaluated once, at the end. ``EXAM_CHECK_SHA256`` pins the file: an edited file
-is refused, so later tuning cannot quietly change the check.
+Never trained on. Each label is split in two by a hash of the item id: the ``dev`` half may be
+looked at while choosing the design, the ``sealed`` half is evaluated once, at the end. A SHA-256
+pins each file: an edited file is refused, so later tuning cannot quietly change a check.
 """
 
 from __future__ import annotations
@@ -20,9 +22,25 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-EXAM_CHECK_FILE = Path(__file__).with_name("exam_check.jsonl")
-EXAM_CHECK_SHA256 = "b2cda67afb3ad57ea153cd5561e0eabd2c02153c5537dcb999b9ad0e514d0e72"
 HALVES = ("dev", "sealed")
+# check name -> (file beside this module, its SHA-256)
+EXAM_CHECKS = {
+    "exam": (
+        "exam_check.jsonl",
+        "b2cda67afb3ad57ea153cd5561e0eabd2c02153c5537dcb999b9ad0e514d0e72",
+    ),
+    "exam2": (
+        "exam_check_2.jsonl",
+        "9196c5c5416530c7e026c268d9307c153806f5de8b50b65636a7e5af9fa6ce83",
+    ),
+}
+
+
+def exam_check_file(check: str = "exam") -> Path:
+    """The file of a frozen check."""
+    if check not in EXAM_CHECKS:
+        raise ValueError(f"unknown exam check {check!r}; known: {sorted(EXAM_CHECKS)}")
+    return Path(__file__).with_name(EXAM_CHECKS[check][0])
 
 
 class ExamCheckModifiedError(RuntimeError):
@@ -60,15 +78,20 @@ def halves(ids_and_labels: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
-def exam_items(half: str | None = None, path: Path = EXAM_CHECK_FILE) -> list[ExamItem]:
-    """The check's items (all, or one half), after verifying the file's SHA-256."""
+def exam_items(
+    half: str | None = None, check: str = "exam", path: Path | None = None
+) -> list[ExamItem]:
+    """A check's items (all, or one half), after verifying its file's SHA-256.
+
+    ``path`` reads another copy of the check's file (still verified against the check's hash)."""
     if half is not None and half not in HALVES:
         raise ValueError(f"half must be one of {HALVES} or None, got {half!r}")
+    path = path or exam_check_file(check)
     data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != EXAM_CHECK_SHA256:
+    digest, frozen = hashlib.sha256(data).hexdigest(), EXAM_CHECKS[check][1]
+    if digest != frozen:
         raise ExamCheckModifiedError(
-            f"{path}: SHA-256 {digest} differs from the frozen {EXAM_CHECK_SHA256}; the exam check "
+            f"{path}: SHA-256 {digest} differs from the frozen {frozen}; the exam check "
             "must not be edited (write a new check with a new hash instead)"
         )
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines()]

@@ -124,6 +124,9 @@ def fit_config(rcfg: DictConfig) -> FitConfig:
         max_risk=float(a.max_risk) if a.mode == "max_risk" else None,
         ood_quantile=float(a.ood_quantile),
         prototypes_per_label=int(rcfg.ood_prototypes_per_label),
+        head_gate=None
+        if rcfg.get("head_gate") is None
+        else (float(rcfg.head_gate.low_quantile), float(rcfg.head_gate.high_quantile)),
         seed=int(rcfg.get("seed", 0)),
     )
 
@@ -161,10 +164,12 @@ def build_examples(
     }
     if d.probe_set:
         sets["probe"] = [Example(t, label, f"probe/{label}", "probe") for t, label in probe_items()]
-    for half in d.get("exam_check", []) or []:
-        sets[f"exam_{half}"] = [
-            Example(i.text, i.label, f"{i.label}/{i.topic}", "exam") for i in exam_items(half)
-        ]
+    for check, check_halves in (d.get("exam_checks") or {}).items():
+        for half in check_halves or []:
+            sets[f"{check}_{half}"] = [
+                Example(i.text, i.label, f"{i.label}/{i.topic}", check)
+                for i in exam_items(half, check)
+            ]
     return (
         split("train", d.max_train_per_label, list(d.views)),
         split("val", d.max_val_per_label, list(d.get("val_views") or ["instruction"])),
