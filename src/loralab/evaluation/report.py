@@ -37,6 +37,7 @@ from loralab.evaluation.plots import (
     systems_of,
     write_plots,
 )
+from loralab.evaluation.routing_plots import routed_router
 from loralab.io_utils import atomic_write_json, atomic_write_text
 
 CSV_COLUMNS = ("system", "set", "metric", "value", "ci_low", "ci_high")
@@ -270,8 +271,8 @@ def _measurement_note(m: Mapping[str, Any] | None) -> list[str]:
 def _routing_section(results: Mapping[str, Any]) -> list[str]:
     routing = results.get("routing") or {}
     lines: list[str] = []
-    router = routing.get("router")
-    if router and router.get("accuracy") is not None:  # None: no single-domain set was routed
+    router = routed_router(results)
+    if router is not None:
         lines += [
             "## Router",
             "",
@@ -281,14 +282,12 @@ def _routing_section(results: Mapping[str, Any]) -> list[str]:
         per_set = router.get("per_set_accuracy") or {}
         if per_set:
             lines += _md_table(["set", "accuracy"], [[t, _fmt(a)] for t, a in per_set.items()])
-        if "confusion" in router:
-            labels = router["labels"]
-            rows = [
-                [f"**{t}**", *map(str, row)]
-                for t, row in zip(labels, router["confusion"], strict=True)
-            ]
-            lines += ["Confusion (rows true, columns predicted):", ""]
-            lines += _md_table(["true \\ predicted", *labels], rows)
+        labels = router["labels"]
+        rows = [
+            [f"**{t}**", *map(str, row)] for t, row in zip(labels, router["confusion"], strict=True)
+        ]
+        lines += ["Confusion (rows true, columns predicted):", ""]
+        lines += _md_table(["true \\ predicted", *labels], rows)
     usage = (routing.get("moelora") or {}).get("gate_usage") or {}
     if usage:
         experts = list(routing["moelora"].get("experts") or next(iter(usage.values())))

@@ -37,14 +37,21 @@ def _annotated_heatmap(
     return image
 
 
+def routed_router(results: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The run's router summary (``routing.router``), or None when it routed no single-domain
+    request (no router, or an all-zero confusion: a run without single-domain sets)."""
+    router = (results.get("routing") or {}).get("router")
+    if not router or not np.asarray(router.get("confusion", [])).any():
+        return None
+    return router
+
+
 def plot_router_confusion(results: Mapping[str, Any]) -> Figure | None:
     """The router's confusion matrix: counts, colored by share of each true class."""
-    router = (results.get("routing") or {}).get("router")
-    if not router or "confusion" not in router:
+    router = routed_router(results)
+    if router is None:
         return None
     counts = np.asarray(router["confusion"], dtype=np.float64)
-    if not counts.any():  # nothing was routed (a run without single-domain sets)
-        return None
     totals = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     labels = router["labels"]
