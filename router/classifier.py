@@ -171,6 +171,11 @@ class DescriptionPrior:
         return self.scale * self.similarities(x)
 
 
+def best_cosine(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``(n, dim)`` unit embeddings, ``(p, dim)`` unit rows -> ``(n,)`` best cosine to a row."""
+    return (x @ rows.T).max(axis=1)
+
+
 @dataclass(frozen=True)
 class HeadGate:
     """How much the trained head counts for each input, in ``[0, 1]``.
@@ -192,5 +197,5 @@ class HeadGate:
 
     def weights(self, x: np.ndarray) -> np.ndarray:
         """``(n, dim)`` -> ``(n,)`` head weights."""
-        similarity = (x @ self.prototypes.T).max(axis=1)
+        similarity = best_cosine(x, self.prototypes)
         return np.clip((similarity - self.low) / (self.high - self.low), 0.0, 1.0)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from router.calibration import Thresholds, softmax
-from router.classifier import DescriptionPrior, Head, HeadGate
+from router.classifier import DescriptionPrior, Head, HeadGate, best_cosine
 from router.decision import Decision, Reason
 from router.encoders import Encoder
 from router.inputs import BadInput, InputPolicy, check_text, clean_text, request_text
@@ -75,7 +75,7 @@ class Router:
         if self.prototypes is None or len(self.prototypes) == 0:
             ood = np.ones(len(x), dtype=np.float32)
         else:
-            ood = (x @ self.prototypes.T).max(axis=1)
+            ood = best_cosine(x, self.prototypes)
         return Scores(probs, ood)
 
     def decide_embeddings(self, x: np.ndarray) -> list[Decision]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.calibration import fit_temperature, fit_thresholds
-from router.classifier import DescriptionPrior, HeadGate, fit_head
+from router.classifier import DescriptionPrior, HeadGate, best_cosine, fit_head
 from router.core import Router
 from router.encoders import Encoder
 from router.inputs import InputPolicy
@@ -134,7 +134,7 @@ def fit_router(
             x_train, y_train, len(labels), cfg.prototypes_per_label, cfg.seed
         )
         if cfg.head_gate is not None:
-            low, high = np.quantile((x_val @ prototypes.T).max(axis=1), cfg.head_gate)
+            low, high = np.quantile(best_cosine(x_val, prototypes), cfg.head_gate)
             gate = HeadGate(prototypes, float(low), float(high))
         if prior is not None:
             prototypes = np.concatenate([prototypes, prior.embeddings]).astype(np.float32)

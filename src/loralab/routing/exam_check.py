@@ -86,7 +86,8 @@ def exam_items(
     ``path`` reads another copy of the check's file (still verified against the check's hash)."""
     if half is not None and half not in HALVES:
         raise ValueError(f"half must be one of {HALVES} or None, got {half!r}")
-    path = path or exam_check_file(check)
+    frozen_file = exam_check_file(check)  # an unknown check is refused, path given or not
+    path = path or frozen_file
     data = path.read_bytes()
     digest, frozen = hashlib.sha256(data).hexdigest(), EXAM_CHECKS[check][1]
     if digest != frozen:
