@@ -40,7 +40,7 @@ run_stage() {  # name, limit_s, command...
 for stage in $stages; do
   case $stage in
     pipeline)
-      run_stage pipeline "${GPU_CHECK_PIPELINE_S:-480}" \
+      run_stage pipeline "${GPU_CHECK_PIPELINE_S:-1800}" \
         "$py" scripts/run_pipeline.py "experiment=${GPU_CHECK_EXPERIMENT:-gpu_quick}" "hydra.run.dir=$out/pipeline" \
         ${GPU_CHECK_OVERRIDES:-} ;;
     tests)
@@ -53,10 +53,10 @@ for stage in $stages; do
       else
         args=(--random-experts)  # the pipeline did not get that far
       fi
-      run_stage bench "${GPU_CHECK_BENCH_S:-240}" "$py" scripts/bench_moelora.py "${args[@]}" ${GPU_CHECK_BENCH_ARGS:-} ;;
+      run_stage bench "${GPU_CHECK_BENCH_S:-600}" "$py" scripts/bench_moelora.py "${args[@]}" ${GPU_CHECK_BENCH_ARGS:-} ;;
     code)
       p=$out/pipeline
-      run_stage code "${GPU_CHECK_CODE_S:-300}" \
+      run_stage code "${GPU_CHECK_CODE_S:-900}" \
         "$py" scripts/evaluate.py experiment=quick_cpu_code "experts_dir=$p/experts/adapters" \
         "router_dir=$p/router/router" "moelora_dir=$p/moelora/moelora" data.eval_batch_size=32 \
         "hydra.run.dir=$out/code" ${GPU_CHECK_CODE_OVERRIDES:-} ;;
