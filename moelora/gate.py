@@ -42,9 +42,10 @@ class Gate(nn.Module):
         # The gate may be kept in float32 over a bfloat16 model; run it in its own dtype.
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
-        if weight.shape[0] < 16 and x.ndim == 2:
+        if weight.shape[0] < 16 and x.ndim == 2 and x.device.type == "cpu":
             # A few slots: (W xᵀ)ᵀ is ~1.5x faster on CPU than x Wᵀ, whose N (= S) is too thin
-            # for the GEMM kernels (measured at 128 x 576 tokens: 14 vs 22 us).
+            # for the GEMM kernels (measured at 128 x 576 tokens: 14 vs 22 us). Not on CUDA,
+            # where the transposed result costs the softmax one more kernel (a contiguous copy).
             projected = torch.mm(weight, x.t()).t()  # [T, S]
         else:
             projected = F.linear(x, weight)  # [T, P]
