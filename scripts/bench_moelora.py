@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if method in TRAINABLE:
             row.update(spawn(args, forwarded, method, "train"))
         results[method] = row
-        print(f"{method:14s} {row}", flush=True)
+        print(f"{method:14s} {json.dumps(row)}", flush=True)  # JSON: a cut-off run still parses
     workdir.cleanup()
 
     def get(method: str, key: str) -> float | None:
