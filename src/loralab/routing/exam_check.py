@@ -33,6 +33,10 @@ EXAM_CHECKS = {
         "exam_check_2.jsonl",
         "9196c5c5416530c7e026c268d9307c153806f5de8b50b65636a7e5af9fa6ce83",
     ),
+    "exam3": (
+        "exam_check_3.jsonl",
+        "025b008d338b083373e97bd9a5e960037f77bfc9b636525843891213d3e67f5c",
+    ),
 }
 
 
