@@ -7,6 +7,10 @@ economics, ...). ``exam2`` (480 items, 120 per label) was written later, by four
 saw the router, in the composition of the held-back exam set of issue 13: long professional-law fact
 patterns; clinical knowledge, college and professional medicine; college and high-school computer
 science, computer security and machine learning; forty other school and professional subjects.
+``exam3`` (480 items, 120 per label) was written after the current default was chosen, by four new
+writers, in MMLU's subject mix and forms (many one-line stems), its ``base`` including the border
+subjects ``exam2`` left out (anatomy, medical genetics, nutrition, jurisprudence, international
+law, ...).
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
