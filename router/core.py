@@ -47,8 +47,11 @@ class Router:
     policy: InputPolicy = field(default_factory=InputPolicy)
     prior: DescriptionPrior | None = None
     prior_weight: float = 0.0
-    prototypes: np.ndarray | None = None  # (p, dim) unit rows for the OOD score
+    prototypes: np.ndarray | None = None  # (p, sim) unit rows for the OOD score
     head_gate: HeadGate | None = None
+    # The leading columns of an embedding that the cosine-based parts (prior, gate, OOD) read;
+    # the head reads them all. None: every column (a sentence encoder alone).
+    similarity_dim: int | None = None
     descriptions: Mapping[str, Sequence[str]] = field(default_factory=dict)
     base_label: str = "base"
     model_version: str = "unsaved"
@@ -61,13 +64,16 @@ class Router:
         self._base_index = self.labels.index(self.base_label)
 
     # ----- scoring embeddings -------------------------------------------------------------------
+    def _sentence(self, x: np.ndarray) -> np.ndarray:
+        return x if self.similarity_dim is None else x[:, : self.similarity_dim]
+
     def logits(self, x: np.ndarray) -> np.ndarray:
         """``(n, dim)`` embeddings -> ``(n, n_labels)`` uncalibrated logits."""
         z = self.head.logits(x)
         if self.head_gate is not None:
-            z = self.head_gate.weights(x)[:, None] * z
+            z = self.head_gate.weights(self._sentence(x))[:, None] * z
         if self.prior is not None and self.prior_weight:
-            z = z + self.prior_weight * self.prior.logits(x)
+            z = z + self.prior_weight * self.prior.logits(self._sentence(x))
         return z
 
     def scores(self, x: np.ndarray) -> Scores:
@@ -75,7 +81,7 @@ class Router:
         if self.prototypes is None or len(self.prototypes) == 0:
             ood = np.ones(len(x), dtype=np.float32)
         else:
-            ood = best_cosine(x, self.prototypes)
+            ood = best_cosine(self._sentence(x), self.prototypes)
         return Scores(probs, ood)
 
     def decide_embeddings(self, x: np.ndarray) -> list[Decision]:

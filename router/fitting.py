@@ -14,7 +14,7 @@ import numpy as np
 from router.calibration import fit_temperature, fit_thresholds
 from router.classifier import DescriptionPrior, HeadGate, best_cosine, fit_head
 from router.core import Router
-from router.encoders import Encoder
+from router.encoders import Encoder, similarity_dim
 from router.inputs import InputPolicy
 
 
@@ -70,9 +70,8 @@ def description_prior(
             )
         texts += descs
         index += [k] * len(descs)
-    return DescriptionPrior(
-        encoder.encode(texts), np.asarray(index, dtype=np.int64), len(labels), scale
-    )
+    embeddings = encoder.encode(texts)[:, : similarity_dim(encoder)]
+    return DescriptionPrior(embeddings, np.asarray(index, dtype=np.int64), len(labels), scale)
 
 
 def ood_prototypes(
@@ -129,12 +128,13 @@ def fit_router(
     if descriptions and cfg.prior_weight:
         prior = description_prior(encoder, labels, descriptions, cfg.prior_scale)
     prototypes, gate = None, None
+    sim = similarity_dim(encoder)  # the prior, the gate and the OOD check read these columns
     if cfg.prototypes_per_label > 0:
         prototypes = ood_prototypes(
-            x_train, y_train, len(labels), cfg.prototypes_per_label, cfg.seed
+            x_train[:, :sim], y_train, len(labels), cfg.prototypes_per_label, cfg.seed
         )
         if cfg.head_gate is not None:
-            low, high = np.quantile(best_cosine(x_val, prototypes), cfg.head_gate)
+            low, high = np.quantile(best_cosine(x_val[:, :sim], prototypes), cfg.head_gate)
             gate = HeadGate(prototypes, float(low), float(high))
         if prior is not None:
             prototypes = np.concatenate([prototypes, prior.embeddings]).astype(np.float32)
@@ -147,6 +147,7 @@ def fit_router(
         prior_weight=cfg.prior_weight if prior is not None else 0.0,
         prototypes=prototypes,
         head_gate=gate,
+        similarity_dim=sim if sim != encoder.dim else None,
         descriptions={k: list(v) for k, v in (descriptions or {}).items()},
         base_label=base_label,
     )

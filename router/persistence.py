@@ -25,7 +25,13 @@ import numpy as np
 
 from router.calibration import Thresholds
 from router.classifier import DescriptionPrior, HeadGate, head_from_tensors
-from router.encoders import Encoder, EncoderSpec, build_encoder, resolve_model_name
+from router.encoders import (
+    Encoder,
+    EncoderSpec,
+    build_encoder,
+    resolve_model_name,
+    similarity_dim,
+)
 from router.inputs import InputPolicy
 
 if TYPE_CHECKING:
@@ -148,6 +154,8 @@ def save_router(
     }
     if router.head_gate is not None:  # absent otherwise: an ungated router keeps its version
         config["head_gate"] = {"low": router.head_gate.low, "high": router.head_gate.high}
+    if router.similarity_dim is not None:  # likewise: only with a concatenated encoder
+        config["similarity_dim"] = router.similarity_dim
     with _atomic_directory(Path(path)) as tmp:
         if source is not None:
             shutil.copytree(source, tmp / ENCODER_DIR)
@@ -194,7 +202,7 @@ def check_encoder(encoder: Encoder, config: Mapping[str, Any], probe: np.ndarray
     now = encoder.fingerprint()
     diffs = [
         f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
-        for k in ("dim", "quantize", "max_seq_length", "weights_sha256", "encode")
+        for k in ("dim", "quantize", "max_seq_length", "weights_sha256", "encode", "static")
         if saved.get(k) != now.get(k)
         and not (k == "weights_sha256" and None in (saved.get(k), now.get(k)))
     ]
@@ -275,6 +283,12 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
     n_out = head.logits(np.zeros((1, encoder.dim), dtype=np.float32)).shape[1]
     if n_out != len(labels):
         raise RouterFileError(f"{folder}: head has {n_out} outputs for {len(labels)} labels")
+    sim = config.get("similarity_dim")
+    if sim is not None and sim != similarity_dim(encoder):
+        raise EncoderMismatchError(
+            f"{folder}: the router reads the first {sim} columns as the sentence embedding, the "
+            f"encoder gives {similarity_dim(encoder)}"
+        )
     return Router(
         encoder=encoder,
         labels=labels,
@@ -286,6 +300,7 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
         prior_weight=float(config["prior"]["weight"]) if config.get("prior") else 0.0,
         prototypes=prototypes,
         head_gate=head_gate,
+        similarity_dim=sim,
         descriptions=config.get("descriptions", {}),
         base_label=config["base_label"],
         model_version=config["model_version"],

@@ -41,7 +41,7 @@ from loralab.routing.probes import probe_items
 from loralab.tracking import Tracker
 from router import InputPolicy, build_encoder
 from router.classifier import fit_head
-from router.encoders import Encoder
+from router.encoders import Encoder, similarity_dim
 from router.fitting import FitConfig, description_prior, fit_router
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,14 @@ def cached_encode(
     encoded: dict[str, int] | None = None,
     key: str = "",
 ) -> np.ndarray:
-    """Embeddings of ``texts``, cached in ``cache_dir`` under a hash of (encoder, texts).
+    """Embeddings of ``texts``, cached in ``cache_dir`` under a hash of (encoder, texts); a
+    concatenated encoder's parts are cached apart (adding a static part re-encodes nothing else).
     ``encoded[key]`` (when given) counts the texts actually encoded (not found in the cache)."""
+    parts = getattr(encoder, "parts", None)
+    if parts is not None:
+        return np.hstack(
+            [cached_encode(p, texts, cache_dir, batch_size, encoded, key) for p in parts]
+        )
     if encoded is not None:
         encoded.setdefault(key, 0)
     if cache_dir is None:
@@ -266,14 +272,15 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     t_fitted = time.perf_counter()
 
     metrics: dict[str, Any] = {"labels": list(labels), "sets": {}, "baselines": {}}
+    sim = similarity_dim(encoder)  # the similarity baselines read the sentence embedding
     for name, (x, y, groups) in embedded.items():
         metrics["sets"][name] = evaluate_router(router, x, y, groups)
         metrics["baselines"][name] = {
             "logreg_plain": _accuracy(plain.logits(x).argmax(axis=1), y),
             "nearest_centroid": _accuracy(
-                nearest_centroid_predict(x_train, y_train, len(labels), x), y
+                nearest_centroid_predict(x_train[:, :sim], y_train, len(labels), x[:, :sim]), y
             ),
-            "zero_shot_descriptions": _accuracy(zero_shot_predict(prior, x), y),
+            "zero_shot_descriptions": _accuracy(zero_shot_predict(prior, x[:, :sim]), y),
         }
     requests = [e.text for e in _spread_examples(sets["test"], int(rcfg.latency_requests))]
     metrics["latency"] = {
