@@ -23,6 +23,7 @@ from loralab.routing.datasets import (
     split_examples,
 )
 from router import EncoderSpec, HashingEncoder, Reason, Router
+from router.encoders import ConcatEncoder, WordLlamaEncoder
 from tests.conftest import compose
 
 FILES = {
@@ -88,6 +89,7 @@ def _config(tmp_path: Path, *overrides: str) -> DictConfig:
             "router.encoder.kind=hashing",
             "router.encoder.name=hashing",
             "router.encoder.quantize=null",
+            "router.encoder.static=null",
             "router.data.max_train_per_label=40",
             "router.head.c=10",
             "router.ood_prototypes_per_label=4",
@@ -270,6 +272,22 @@ def test_cached_encode_reuses_a_chunk_and_reencodes_only_a_changed_one(tmp_path:
         f.write_bytes(b"not a numpy file")
     enc.texts.clear()
     assert np.array_equal(cached_encode(enc, law, tmp_path, 8), x_law) and enc.texts == law
+
+
+def test_a_concatenated_encoder_caches_each_part_apart(tmp_path: Path) -> None:
+    from loralab.routing.train import cached_encode
+
+    texts = ["court statute", "python loop", "patient fever"]
+    x_sentence = cached_encode(CountingEncoder(), texts, tmp_path, 8)
+    spec = EncoderSpec(kind="hashing", name="hashing", static="wordllama")
+    both = ConcatEncoder(CountingEncoder(), WordLlamaEncoder(), spec)
+    x = cached_encode(both, texts, tmp_path, 8)
+    # the sentence part comes from the cache the sentence encoder alone wrote: turning the
+    # static part on re-encodes nothing with the (slow) sentence encoder
+    assert both.sentence.texts == []
+    np.testing.assert_array_equal(x[:, :256], x_sentence)
+    np.testing.assert_array_equal(x, both.encode(texts))
+    assert len(list(tmp_path.glob("*.npy"))) == 2  # one file per part
 
 
 def _chunks(cfg: DictConfig, root: Path) -> dict[tuple[str, str, str], list[str]]:
