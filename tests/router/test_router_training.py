@@ -281,13 +281,20 @@ def test_a_concatenated_encoder_caches_each_part_apart(tmp_path: Path) -> None:
     x_sentence = cached_encode(CountingEncoder(), texts, tmp_path, 8)
     spec = EncoderSpec(kind="hashing", name="hashing", static="wordllama")
     both = ConcatEncoder(CountingEncoder(), WordLlamaEncoder(), spec)
-    x = cached_encode(both, texts, tmp_path, 8)
+    encoded: dict[str, int] = {}
+    x = cached_encode(both, texts, tmp_path, 8, encoded, "law")
     # the sentence part comes from the cache the sentence encoder alone wrote: turning the
     # static part on re-encodes nothing with the (slow) sentence encoder
     assert both.sentence.texts == []
     np.testing.assert_array_equal(x[:, :256], x_sentence)
     np.testing.assert_array_equal(x, both.encode(texts))
     assert len(list(tmp_path.glob("*.npy"))) == 2  # one file per part
+    assert encoded == {"law": 3}  # the static part's three texts
+    new = ["tenant lease", "heap sort"]
+    cached_encode(both, new, tmp_path, 8, encoded, "law")
+    assert encoded == {"law": 5}  # a text encoded by both parts counts once
+    cached_encode(both, new, tmp_path, 8, encoded, "law")
+    assert encoded == {"law": 5}  # both parts cached
 
 
 def _chunks(cfg: DictConfig, root: Path) -> dict[tuple[str, str, str], list[str]]:

@@ -57,12 +57,20 @@ def cached_encode(
 ) -> np.ndarray:
     """Embeddings of ``texts``, cached in ``cache_dir`` under a hash of (encoder, texts); a
     concatenated encoder's parts are cached apart (adding a static part re-encodes nothing else).
-    ``encoded[key]`` (when given) counts the texts actually encoded (not found in the cache)."""
+    ``encoded[key]`` (when given) counts the texts actually encoded (not found in the cache; a
+    text counts once however many of its parts were encoded)."""
     parts = getattr(encoder, "parts", None)
     if parts is not None:
-        return np.hstack(
-            [cached_encode(p, texts, cache_dir, batch_size, encoded, key) for p in parts]
+        per_part = [dict[str, int]() for _ in parts]
+        x = np.hstack(
+            [
+                cached_encode(part, texts, cache_dir, batch_size, n, key)
+                for part, n in zip(parts, per_part, strict=True)
+            ]
         )
+        if encoded is not None:
+            encoded[key] = encoded.get(key, 0) + max(n[key] for n in per_part)
+        return x
     if encoded is not None:
         encoded.setdefault(key, 0)
     if cache_dir is None:
