@@ -176,9 +176,13 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
         "test",
         "out_of_style",
         "probe",
-        *(f"{check}_{half}" for check in ("exam", "exam2", "exam3") for half in ("dev", "sealed")),
+        *(
+            f"{check}_{half}"
+            for check in ("exam", "exam2", "exam3", "exam4")
+            for half in ("dev", "sealed")
+        ),
     }
-    assert metrics["sets"]["exam2_sealed"]["n"] == metrics["sets"]["exam3_dev"]["n"] == 240
+    assert metrics["sets"]["exam2_sealed"]["n"] == metrics["sets"]["exam4_dev"]["n"] == 240
     # generated views were made from the toy records and trained on
     assert metrics["router"]["n_train"] > 4 * 40 * 2
     assert set(metrics["baselines"]["test"]) == {

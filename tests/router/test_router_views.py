@@ -105,6 +105,7 @@ def test_question_of_prefers_the_asking_paragraph_and_drops_field_names() -> Non
         ("exam", {"law": 61, "code": 59, "medical": 59, "base": 61}),
         ("exam2", dict.fromkeys(LABELS, 120)),
         ("exam3", dict.fromkeys(LABELS, 120)),
+        ("exam4", dict.fromkeys(LABELS, 120)),
     ],
 )
 def test_exam_checks_are_frozen_and_split_in_stable_halves(
@@ -129,5 +130,5 @@ def test_exam_checks_are_frozen_and_split_in_stable_halves(
         exam_items(check=check, path=edited)
     with pytest.raises(ValueError, match="half"):
         exam_items("train", check)
-    with pytest.raises(ValueError, match="unknown exam check 'exam4'"):
-        exam_items(check="exam4")
+    with pytest.raises(ValueError, match="unknown exam check 'exam5'"):
+        exam_items(check="exam5")

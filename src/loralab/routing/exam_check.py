@@ -11,6 +11,8 @@ science, computer security and machine learning; forty other school and professi
 writers, in MMLU's subject mix and forms (many one-line stems), its ``base`` including the border
 subjects ``exam2`` left out (anatomy, medical genetics, nutrition, jurisprudence, international
 law, ...).
+``exam4`` (480 items, ``exam3``'s composition) was written after the WordLlama default was chosen,
+by four more new writers, and first evaluated on that default, both halves at once.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -40,6 +42,10 @@ EXAM_CHECKS = {
     "exam3": (
         "exam_check_3.jsonl",
         "025b008d338b083373e97bd9a5e960037f77bfc9b636525843891213d3e67f5c",
+    ),
+    "exam4": (
+        "exam_check_4.jsonl",
+        "eb3f49c468967bf03f5e617424d91e8f251053d2279365fc9bbe82826e225201",
     ),
 }
 
