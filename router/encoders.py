@@ -79,7 +79,10 @@ class EncoderSpec:
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["static"] is None:  # written only when set: routers saved before it keep their version
+            del d["static"]
+        return d
 
 
 def packaged_minilm_path() -> Path:
