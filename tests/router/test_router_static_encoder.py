@@ -9,7 +9,13 @@ import pytest
 
 from router import EncoderMismatchError, Router
 from router.classifier import LinearHead
-from router.encoders import ConcatEncoder, HashingEncoder, WordLlamaEncoder, build_encoder
+from router.encoders import (
+    ConcatEncoder,
+    EncoderSpec,
+    HashingEncoder,
+    WordLlamaEncoder,
+    build_encoder,
+)
 from tests.router.tests_router_helpers import LABELS, QUESTIONS, fit_toy_router
 
 TEXTS = [
@@ -112,3 +118,18 @@ def test_a_router_without_a_static_encoder_saves_no_similarity_dim(tmp_path):
     assert router.similarity_dim is None
     router.save(tmp_path / "r")
     assert "similarity_dim" not in json.loads((tmp_path / "r" / "router.json").read_text())
+
+
+def test_an_encoder_spec_writes_static_only_when_set(tmp_path):
+    # a spec saved before `static` existed reads back to the same dict, so the model version of a
+    # router without a static encoder is what it was before the setting was added
+    before = {"kind": "hashing", "name": "hashing", "quantize": None, "max_seq_length": None}
+    before |= {"threads": None, "dim": 256}
+    assert EncoderSpec.from_dict(before).to_dict() == before
+    assert EncoderSpec.from_dict({**before, "static": None}).to_dict() == before
+    assert EncoderSpec(static="wordllama").to_dict()["static"] == "wordllama"
+    router = fit_toy_router(build_encoder({"kind": "hashing", "static": None}))
+    router.save(tmp_path / "r")
+    saved = json.loads((tmp_path / "r" / "router.json").read_text())
+    assert "static" not in saved["encoder"]["spec"]
+    assert Router.load(tmp_path / "r").model_version == router.model_version
