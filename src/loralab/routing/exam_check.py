@@ -13,6 +13,9 @@ subjects ``exam2`` left out (anatomy, medical genetics, nutrition, jurisprudence
 law, ...).
 ``exam4`` (480 items, ``exam3``'s composition) was written after the WordLlama default was chosen,
 by four more new writers, and first evaluated on that default, both halves at once.
+``exam5`` (480 items, the same composition, four more new writers) is held back: no router has
+been evaluated on it, and it is not among ``router.data.exam_checks`` by default, so that the next
+design chosen on the other checks can be confirmed on questions no choice has seen.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -46,6 +49,10 @@ EXAM_CHECKS = {
     "exam4": (
         "exam_check_4.jsonl",
         "eb3f49c468967bf03f5e617424d91e8f251053d2279365fc9bbe82826e225201",
+    ),
+    "exam5": (
+        "exam_check_5.jsonl",
+        "1f71e4553fbaf9dc45949d36434b005109f0169a7cc5ac8f9ce6412f1fc62b2b",
     ),
 }
 
