@@ -12,7 +12,8 @@ writers, in MMLU's subject mix and forms (many one-line stems), its ``base`` inc
 subjects ``exam2`` left out (anatomy, medical genetics, nutrition, jurisprudence, international
 law, ...).
 ``exam4`` (480 items, ``exam3``'s composition) was written after the WordLlama default was chosen,
-by four more new writers, and first evaluated on that default, both halves at once.
+by four more new writers; first evaluated, both halves at once, on that default and on MiniLM
+alone, it chose between the two (MiniLM alone, the current default).
 ``exam5`` (480 items, the same composition, four more new writers) is held back: no router has
 been evaluated on it, and it is not among ``router.data.exam_checks`` by default, so that the next
 design chosen on the other checks can be confirmed on questions no choice has seen.
