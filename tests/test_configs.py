@@ -18,17 +18,28 @@ GROUP_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("config_name", TOP_LEVEL)
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_config_composes_with_every_experiment(config_name, experiment, tmp_path):
+def _experiment(experiment: str) -> list[str]:
     overrides = [f"experiment={experiment}"]
     if experiment == "paper":
         overrides.append("base_model=hf")  # paper runs accept any model; name is required
         overrides.append("base_model.name=Qwen/Qwen3-0.6B")
-    cfg = compose(config_name, overrides, tmp_path)
+    return overrides
+
+
+@pytest.mark.parametrize("config_name", TOP_LEVEL)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_config_composes_with_every_experiment(config_name, experiment, tmp_path):
+    cfg = compose(config_name, _experiment(experiment), tmp_path)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["task_name"]
     assert str(tmp_path) == resolved["paths"]["output_dir"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_the_held_back_exam_check_is_evaluated_by_no_experiment(experiment, tmp_path):
+    # exam5 stays unseen until a new design is confirmed on it (README, exam_check.py)
+    cfg = compose("train_router", _experiment(experiment), tmp_path)
+    assert set(cfg.router.data.exam_checks) == {"exam", "exam2", "exam3", "exam4"}
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
