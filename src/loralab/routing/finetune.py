@@ -85,6 +85,7 @@ def finetune_encoder(
     least ``batch_per_label`` each) and save it to ``out_dir`` (atomically); returns ``out_dir``."""
     import torch
     from sentence_transformers import SentenceTransformer
+    from transformers import get_linear_schedule_with_warmup
 
     short = {k: len(v) for k, v in texts.items() if len(v) < config.batch_per_label}
     if short:
@@ -100,11 +101,7 @@ def finetune_encoder(
     model.max_seq_length = config.max_seq_length
     preprocess = getattr(model, "preprocess", None) or model.tokenize
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    warmup = max(1, config.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / config.steps),
-    )
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, config.steps // 10), config.steps)
     model.train()
     started = time.perf_counter()
     for step in range(config.steps):
@@ -125,7 +122,7 @@ def finetune_encoder(
                 "encoder finetune step %d/%d: loss %.4f (%.0f s)",
                 step + 1,
                 config.steps,
-                float(loss),
+                loss.item(),
                 time.perf_counter() - started,
             )
     model.eval()
