@@ -143,7 +143,7 @@ def _train_experts(cfg: DictConfig) -> dict[str, Any]:
 def run_expert_check(
     cfg: DictConfig, adapters: dict[str, Path], fingerprint: str
 ) -> dict[str, Any]:
-    """Held-out (test split) mean token NLL, expert x domain plus the base row; printed and saved."""
+    """Held-out (test split) mean token NLL, expert x domain plus the base row; logged and saved."""
     base, tokenizer = load_base_model(cfg.base_model, cfg.paths.cache_dir)
     model = load_expert(base, {d: p for d, p in adapters.items()}, fingerprint).eval()
     loaders = {d: DomainDataModule(cfg.data, tokenizer, [d]) for d in adapters}
@@ -151,9 +151,9 @@ def run_expert_check(
     beats = experts_beat_base(table)
     n_test = {d: len(dm.encode("test")) for d, dm in loaders.items()}
     save_table(table, cfg.paths.output_dir, {"expert_beats_base": beats, "n_test": n_test})
-    print(
-        "\nHeld-out mean token NLL (test split; rows: model, columns: domain)\n"
-        + format_table(table)
+    log.info(
+        "held-out mean token NLL (test split; rows: model, columns: domain)\n%s",
+        format_table(table),
     )
-    print("expert beats base on its own domain:", beats)
+    log.info("expert beats base on its own domain: %s", beats)
     return {"mean_token_nll": table, "expert_beats_base": beats, "n_test": n_test}
