@@ -14,6 +14,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The plots every full run draws (report.md lists them; a smaller run skips some with a note).
+PLOT_STEMS = {
+    "nll_by_set",
+    "accuracy",
+    "gap_recovery",
+    "pareto",
+    "router_confusion",
+    "gate_usage",
+    "gate_heatmaps",
+}
 
 
 def compose(config_name: str, overrides: list[str], output_dir: Path):

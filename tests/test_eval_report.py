@@ -17,6 +17,7 @@ import pytest
 from loralab.evaluation.options import paired_rate_tests, rate_metrics
 from loralab.evaluation.report import validate_results, write_report, write_results
 from loralab.evaluation.stats import gap_recovery_metrics, nll_metrics, paired_tests
+from tests.conftest import PLOT_STEMS
 
 DOMAINS = ("law", "code", "medical")
 SYSTEMS = (
@@ -34,15 +35,6 @@ SYSTEMS = (
 SETS = (*DOMAINS, "general", "two_domain")
 GENERATION = (("gen_code", "pass_rate"), ("gen_law", "rougeL"), ("gen_medical", "rougeL"))
 CHOICE_SETS = ("pubmedqa", "legalbench_heldout")
-PLOT_STEMS = {
-    "nll_by_set",
-    "accuracy",
-    "gap_recovery",
-    "pareto",
-    "router_confusion",
-    "gate_usage",
-    "gate_heatmaps",
-}
 TWO_DOMAIN_TEXT = "Explain habeas corpus . Then write def add ( a , b ) : return a + b"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "compare.ipynb"
 

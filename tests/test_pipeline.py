@@ -8,19 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import PLOT_STEMS
+
 REPO = Path(__file__).resolve().parents[1]
 SETS = ["law", "code", "medical", "general", "two_domain"]
 NOT_GENERATING = ("merge_cat", "xlora")  # left out of eval.generation.systems by smoke_run
 COST = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_memory_mb", "weights_mb")
-PLOTS = {
-    "nll_by_set",
-    "accuracy",
-    "gap_recovery",
-    "pareto",
-    "router_confusion",
-    "gate_usage",
-    "gate_heatmaps",
-}
 
 
 def _run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -79,7 +72,7 @@ def test_pipeline_writes_every_output(smoke_run):
         "xlora/xlora/manifest.json",
     ):
         assert (smoke_run / path).exists(), path
-    assert {p.stem for p in (smoke_run / "plots").glob("*.png")} == PLOTS
+    assert {p.stem for p in (smoke_run / "plots").glob("*.png")} == PLOT_STEMS
     assert list((smoke_run / "wandb").glob("offline-run-*")), "W&B offline runs"
 
 
