@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HALVES = ("dev", "sealed")
 # check name -> (file beside this module, its SHA-256)
@@ -126,3 +129,69 @@ def exam_items(
         for r in rows
     ]
     return [i for i in items if half is None or i.half == half]
+
+
+def request_lines(items: Iterable[ExamItem]) -> list[str]:
+    """One JSON line per item, ``{"id", "text"}``, as ``python -m router route`` reads them (no
+    label: the router sees only the text; its decisions echo the id back)."""
+    return [json.dumps({"id": i.id, "text": i.text}, ensure_ascii=False) for i in items]
+
+
+class DecisionsFileError(ValueError):
+    """A decisions file that does not answer a check's requests one to one."""
+
+
+def score_decisions(items: Sequence[ExamItem], lines: Iterable[str], source: str) -> dict[str, Any]:
+    """Accuracy of routed decisions (``python -m router route`` output lines: ``id`` and ``label``,
+    the final decision, so an abstention counts as ``base``) against ``items``' labels: overall, per
+    half, recall per label, the mistakes as ``gold -> decided`` counts and by decision ``reason``.
+
+    Every item must be answered exactly once and every decision must answer an item; ``source``
+    names the file in the errors (with the line number)."""
+    by_id = {i.id: i for i in items}
+    decided: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DecisionsFileError(f"{source}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict) or "id" not in d or "label" not in d:
+            raise DecisionsFileError(f"{source}:{n}: a decision needs the fields 'id' and 'label'")
+        item_id = str(d["id"])
+        if item_id not in by_id:
+            raise DecisionsFileError(f"{source}:{n}: id {item_id!r} is not a question of the check")
+        if item_id in decided:
+            raise DecisionsFileError(f"{source}:{n}: id {item_id!r} decided twice")
+        decided[item_id] = d
+    missing = [i.id for i in items if i.id not in decided]
+    if missing:
+        raise DecisionsFileError(
+            f"{source}: {len(missing)} of {len(items)} questions have no decision "
+            f"(first: {', '.join(missing[:3])})"
+        )
+
+    def accuracy(subset: Sequence[ExamItem]) -> dict[str, Any]:
+        correct = sum(decided[i.id]["label"] == i.label for i in subset)
+        return {"n": len(subset), "correct": correct, "accuracy": correct / max(1, len(subset))}
+
+    wrong = [i for i in items if decided[i.id]["label"] != i.label]
+    return {
+        **accuracy(items),
+        "halves": {
+            h: accuracy([i for i in items if i.half == h])
+            for h in HALVES
+            if any(i.half == h for i in items)
+        },
+        "recall": {
+            lab: accuracy([i for i in items if i.label == lab])["accuracy"]
+            for lab in dict.fromkeys(i.label for i in items)
+        },
+        "mistakes": dict(
+            Counter(f"{i.label} -> {decided[i.id]['label']}" for i in wrong).most_common()
+        ),
+        "mistakes_by_reason": dict(
+            Counter(str(decided[i.id].get("reason")) for i in wrong).most_common()
+        ),
+    }
