@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +62,23 @@ def default_data_root() -> Path:
     return repo.parent / "shared" / "data"
 
 
+def json_objects(
+    lines: Iterable[str], source: str | Path, error: type[ValueError] = DataFormatError
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines text; a line that is not a
+    JSON object raises ``error`` naming ``<source>:<line>``."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise error(f"{source}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
 def read_records(path: str | Path, expected_domain: str | None = None) -> list[Record]:
     """Read and validate a JSON-lines file of records.
 
@@ -77,17 +94,7 @@ def read_records(path: str | Path, expected_domain: str | None = None) -> list[R
     records: list[Record] = []
     seen: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
-                )
+        for lineno, obj in json_objects(f, path):
             for field in REQUIRED_FIELDS:
                 value = obj.get(field)
                 if field not in obj:

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loralab.data.records import DataFormatError, Record, data_root, read_records, spread_subset
+from loralab.data.records import (
+    DataFormatError,
+    Record,
+    data_root,
+    json_objects,
+    read_records,
+    spread_subset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +122,8 @@ def read_choice_file(path: Path) -> list[ChoiceQuestion]:
     out: list[ChoiceQuestion] = []
     seen: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        for lineno, obj in json_objects(f, path):
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for field in CHOICE_FIELDS:
                 if field not in obj:
                     raise DataFormatError(f"{where}: field '{field}' is missing")

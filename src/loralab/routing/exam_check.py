@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loralab.data.records import json_objects
+
 HALVES = ("dev", "sealed")
 # check name -> (file beside this module, its SHA-256)
 EXAM_CHECKS = {
@@ -150,14 +152,8 @@ def score_decisions(items: Sequence[ExamItem], lines: Iterable[str], source: str
     names the file in the errors (with the line number)."""
     by_id = {i.id: i for i in items}
     decided: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DecisionsFileError(f"{source}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict) or "id" not in d or "label" not in d:
+    for n, d in json_objects(lines, source, DecisionsFileError):
+        if "id" not in d or "label" not in d:
             raise DecisionsFileError(f"{source}:{n}: a decision needs the fields 'id' and 'label'")
         item_id = str(d["id"])
         if item_id not in by_id:
