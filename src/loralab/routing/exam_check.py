@@ -143,10 +143,10 @@ class DecisionsFileError(ValueError):
     """A decisions file that does not answer a check's requests one to one."""
 
 
-def score_decisions(items: Sequence[ExamItem], lines: Iterable[str], source: str) -> dict[str, Any]:
-    """Accuracy of routed decisions (``python -m router route`` output lines: ``id`` and ``label``,
-    the final decision, so an abstention counts as ``base``) against ``items``' labels: overall, per
-    half, recall per label, the mistakes as ``gold -> decided`` counts and by decision ``reason``.
+def read_decisions(
+    items: Sequence[ExamItem], lines: Iterable[str], source: str
+) -> dict[str, dict[str, Any]]:
+    """Item id -> its decision (a ``python -m router route`` output line: ``id`` and ``label``).
 
     Every item must be answered exactly once and every decision must answer an item; ``source``
     names the file in the errors (with the line number)."""
@@ -167,6 +167,14 @@ def score_decisions(items: Sequence[ExamItem], lines: Iterable[str], source: str
             f"{source}: {len(missing)} of {len(items)} questions have no decision "
             f"(first: {', '.join(missing[:3])})"
         )
+    return decided
+
+
+def score_decisions(items: Sequence[ExamItem], lines: Iterable[str], source: str) -> dict[str, Any]:
+    """Accuracy of routed decisions (read by :func:`read_decisions`; ``label`` is the final
+    decision, so an abstention counts as ``base``) against ``items``' labels: overall, per half,
+    recall per label, the mistakes as ``gold -> decided`` counts and by decision ``reason``."""
+    decided = read_decisions(items, lines, source)
 
     def accuracy(subset: Sequence[ExamItem]) -> dict[str, Any]:
         correct = sum(decided[i.id]["label"] == i.label for i in subset)
