@@ -178,7 +178,7 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
         "probe",
         *(
             f"{check}_{half}"
-            for check in ("exam", "exam2", "exam3", "exam4", "exam5")
+            for check in ("exam", "exam2", "exam3", "exam4", "exam5", "exam6")
             for half in ("dev", "sealed")
         ),
     }
