@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests_router_helpers import exam_checks_script
 
 from loralab.routing.exam_check import (
     DecisionsFileError,
@@ -16,8 +17,6 @@ from loralab.routing.exam_check import (
     score_decisions,
 )
 from router import Router
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _decision(item_id: str, label: str, reason: str = "confident") -> str:
@@ -81,22 +80,11 @@ def test_a_decisions_file_that_does_not_answer_the_check_is_refused(edit, messag
         score_decisions(items, edit(lines), "d.jsonl")
 
 
-def _script(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "scripts/exam_checks.py", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-
-
 def test_requests_route_and_score_through_the_command_lines(
     toy_router: Router, tmp_path: Path
 ) -> None:
     toy_router.save(tmp_path / "r")
-    requests = _script("requests", "exam", "--half", "dev")
+    requests = exam_checks_script("requests", "exam", "--half", "dev")
     assert requests.returncode == 0, requests.stderr
     routed = subprocess.run(
         [sys.executable, "-m", "router", "route", "--model", str(tmp_path / "r")],
@@ -107,7 +95,7 @@ def test_requests_route_and_score_through_the_command_lines(
         check=True,
     )
     (tmp_path / "decisions.jsonl").write_text(routed.stdout)
-    scored = _script("score", "exam", str(tmp_path / "decisions.jsonl"), "--half", "dev")
+    scored = exam_checks_script("score", "exam", str(tmp_path / "decisions.jsonl"), "--half", "dev")
     assert scored.returncode == 0, scored.stderr
     summary = json.loads(scored.stdout)
     gold = {i.id: i.label for i in exam_items("dev", "exam")}
@@ -116,8 +104,10 @@ def test_requests_route_and_score_through_the_command_lines(
     assert summary["correct"] == sum(d["label"] == gold[d["id"]] for d in decided)
 
     # the other half's decisions do not answer this half: a clear error, exit status 2
-    wrong_half = _script("score", "exam", str(tmp_path / "decisions.jsonl"), "--half", "sealed")
+    wrong_half = exam_checks_script(
+        "score", "exam", str(tmp_path / "decisions.jsonl"), "--half", "sealed"
+    )
     assert wrong_half.returncode == 2
     assert "is not a question of the check" in wrong_half.stderr
-    missing = _script("score", "exam", str(tmp_path / "none.jsonl"))
+    missing = exam_checks_script("score", "exam", str(tmp_path / "none.jsonl"))
     assert missing.returncode == 2 and "none.jsonl" in missing.stderr

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tests_router_helpers import exam_checks_script
 
 from loralab.routing.exam_check import exam_items
 from loralab.routing.held_back import (
@@ -16,8 +15,6 @@ from loralab.routing.held_back import (
     estimate_held_back,
     load_reference,
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _outcomes(gold: str, ref: str, right: int, wrong: int) -> list[Outcome]:
@@ -111,21 +108,11 @@ def test_the_reference_answers_every_question_of_its_checks() -> None:
     )
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "scripts/exam_checks.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
 def test_estimate_command_line(tmp_path: Path) -> None:
     items = exam_items("dev", "exam3")
     perfect = tmp_path / "exam3.jsonl"
     perfect.write_text("".join(json.dumps({"id": i.id, "label": i.label}) + "\n" for i in items))
-    done = _run("estimate", f"exam3={perfect}", "--half", "dev")
+    done = exam_checks_script("estimate", f"exam3={perfect}", "--half", "dev")
     assert done.returncode == 0, done.stderr
     est = json.loads(done.stdout)
     assert (est["estimate"], est["checks_n"], est["half"]) == (1.0, len(items), "dev")
@@ -133,21 +120,25 @@ def test_estimate_command_line(tmp_path: Path) -> None:
     assert est["bounds"] == [pytest.approx(1 - 26 / 800), 1.0]
 
     for pair in (f"exam={perfect}", str(perfect)):  # a check the reference never answered; no name
-        bad = _run("estimate", pair)
+        bad = exam_checks_script("estimate", pair)
         assert bad.returncode == 2
         assert f"{pair!r}: expected CHECK=DECISIONS_FILE" in bad.stderr and "exam5" in bad.stderr
-    short = _run("estimate", f"exam4={perfect}", "--half", "dev")
+    short = exam_checks_script("estimate", f"exam4={perfect}", "--half", "dev")
     assert short.returncode == 2
     assert "is not a question of the check" in short.stderr
 
     wrong = tmp_path / "wrong.jsonl"  # every decision base: right on the base questions only
     wrong.write_text("".join(json.dumps({"id": i.id, "label": "base"}) + "\n" for i in items))
-    done = _run("estimate", f"exam3={perfect}", "--baseline", f"exam3={wrong}", "--half", "dev")
+    done = exam_checks_script(
+        "estimate", f"exam3={perfect}", "--baseline", f"exam3={wrong}", "--half", "dev"
+    )
     assert done.returncode == 0, done.stderr
     est = json.loads(done.stdout)
     assert est["baseline"]["per_label"]["base"] == 1.0
     assert est["baseline"]["checks_accuracy"] == 0.25
     assert est["lead"]["estimate"] == pytest.approx(1.0 - est["baseline"]["estimate"])
-    other = _run("estimate", f"exam3={perfect}", "--baseline", f"exam4={wrong}", "--half", "dev")
+    other = exam_checks_script(
+        "estimate", f"exam3={perfect}", "--baseline", f"exam4={wrong}", "--half", "dev"
+    )
     assert other.returncode == 2
     assert "compare them on the same checks" in other.stderr

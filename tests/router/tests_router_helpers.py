@@ -6,6 +6,9 @@ Importable from the tests because pytest puts this folder on ``sys.path``.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -132,3 +135,15 @@ def router_with_probs(probs: np.ndarray, labels: tuple[str, ...] = LABELS) -> Ro
     weight = np.log(probs).T  # (n_labels, n): logits of e_i = log probs[i]
     head = LinearHead(weight, np.zeros(len(labels)))
     return Router(encoder=HashingEncoder(), labels=labels, head=head)
+
+
+def exam_checks_script(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python scripts/exam_checks.py <args>`` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "scripts/exam_checks.py", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
