@@ -199,3 +199,40 @@ class HeadGate:
         """``(n, dim)`` -> ``(n,)`` head weights."""
         similarity = best_cosine(x, self.prototypes)
         return np.clip((similarity - self.low) / (self.high - self.low), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class StyleShift:
+    """A correction of how the head and the prior combine on requests unlike the training data.
+
+    The head is fitted on the training data's styles and the head gate already turns it down off
+    them; ``StyleShift`` is fitted on labelled requests of another style (exam questions) and only
+    acts where the gate is not fully open. With ``g`` the gate weight and ``u = 1 - g``::
+
+        logits = g (1 + u head_scale) head + prior + u (prior @ prior_mix.T + bias)
+
+    so a request the gate reads as the training data's own (``g = 1``) gets exactly the router's
+    logits without it.
+    """
+
+    prior_mix: np.ndarray  # (n_labels, n_labels) added to the identity on the prior's logits
+    bias: np.ndarray  # (n_labels,)
+    head_scale: float
+
+    def __post_init__(self) -> None:
+        k = len(self.bias)
+        if self.prior_mix.shape != (k, k) or self.bias.shape != (k,):
+            raise ValueError(
+                f"style shift needs prior_mix (k, k) and bias (k,), got {self.prior_mix.shape} "
+                f"and {self.bias.shape}"
+            )
+
+    def logits(self, gate: np.ndarray, head: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """Gate weights ``(n,)``, head logits and (weighted) prior logits ``(n, k)`` -> ``(n, k)``."""
+        g = gate[:, None]
+        u = 1.0 - g
+        return (
+            g * (1.0 + u * self.head_scale) * head
+            + prior
+            + u * (prior @ self.prior_mix.T + self.bias)
+        )

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from router.calibration import Thresholds, softmax
-from router.classifier import DescriptionPrior, Head, HeadGate, best_cosine
+from router.classifier import DescriptionPrior, Head, HeadGate, StyleShift, best_cosine
 from router.decision import Decision, Reason
 from router.encoders import Encoder
 from router.inputs import BadInput, InputPolicy, check_text, clean_text, request_text
@@ -31,7 +31,8 @@ class Router:
     """A trained request router.
 
     ``logits = gate(x) * head(x) + prior_weight * prior(x)``, where ``gate(x)`` is 1 without a
-    ``head_gate``; ``probs = softmax(logits / temperature)``.
+    ``head_gate`` (with a ``style_shift``, as ``StyleShift`` combines them where the gate is not
+    fully open); ``probs = softmax(logits / temperature)``.
     A request is routed to its top label unless it is bad input, out of distribution
     (``ood < thresholds.min_ood_score``) or an expert prediction with too low a probability or
     margin, in which case it goes to ``base_label`` and the decision says why.
@@ -49,6 +50,7 @@ class Router:
     prior_weight: float = 0.0
     prototypes: np.ndarray | None = None  # (p, sim) unit rows for the OOD score
     head_gate: HeadGate | None = None
+    style_shift: StyleShift | None = None  # needs head_gate and prior
     # The leading columns of an embedding that the cosine-based parts (prior, gate, OOD) read;
     # the head reads them all. None: every column (a sentence encoder alone).
     similarity_dim: int | None = None
@@ -62,6 +64,10 @@ class Router:
         if self.base_label not in self.labels:
             raise ValueError(f"base label {self.base_label!r} is not among labels {self.labels}")
         self._base_index = self.labels.index(self.base_label)
+        if self.style_shift is not None and (
+            self.head_gate is None or self.prior is None or not self.prior_weight
+        ):
+            raise ValueError("a style shift needs a head gate and a description prior")
 
     # ----- scoring embeddings -------------------------------------------------------------------
     def _sentence(self, x: np.ndarray) -> np.ndarray:
@@ -69,12 +75,17 @@ class Router:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """``(n, dim)`` embeddings -> ``(n, n_labels)`` uncalibrated logits."""
+        xs = self._sentence(x)
         z = self.head.logits(x)
-        if self.head_gate is not None:
-            z = self.head_gate.weights(self._sentence(x))[:, None] * z
+        gate = None if self.head_gate is None else self.head_gate.weights(xs)
+        prior = None
         if self.prior is not None and self.prior_weight:
-            z = z + self.prior_weight * self.prior.logits(self._sentence(x))
-        return z
+            prior = self.prior_weight * self.prior.logits(xs)
+        if self.style_shift is not None and gate is not None and prior is not None:
+            return self.style_shift.logits(gate, z, prior)
+        if gate is not None:
+            z = gate[:, None] * z
+        return z if prior is None else z + prior
 
     def scores(self, x: np.ndarray) -> Scores:
         probs = softmax(self.logits(x), self.temperature)

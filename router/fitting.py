@@ -1,7 +1,8 @@
 """Fit a ``Router`` from embedded training and validation sets.
 
 Train split: the head and the OOD prototypes. Validation split: the temperature and the abstention
-thresholds. Descriptions of each label become a zero-shot prior added to the head's logits.
+thresholds. Descriptions of each label become a zero-shot prior added to the head's logits. An
+optional set of requests in another style (exam questions) fits a ``StyleShift``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.calibration import fit_temperature, fit_thresholds
-from router.classifier import DescriptionPrior, HeadGate, best_cosine, fit_head
+from router.classifier import DescriptionPrior, HeadGate, StyleShift, best_cosine, fit_head
 from router.core import Router
 from router.encoders import Encoder, similarity_dim
 from router.inputs import InputPolicy
@@ -26,7 +27,10 @@ class FitConfig:
     predictions; ``ood_quantile`` of validation OOD scores. ``prototypes_per_label`` k-means
     centroids per label (0 = no OOD check). ``head_gate``: (low, high) quantiles of the validation
     split's similarity to those centroids, between which the head's weight rises from 0 to 1
-    (``HeadGate``; None = the head always counts fully)."""
+    (``HeadGate``; None = the head always counts fully). ``style_shift_l2``: the L2 penalty of a
+    ``StyleShift`` fitted when ``fit_router`` is given requests of another style;
+    ``style_shift_recalibrate``: fit it first and the temperature and thresholds after it (else
+    they are fitted without it, and it at that temperature)."""
 
     head: str = "logreg"
     c: float = 1.0
@@ -41,6 +45,8 @@ class FitConfig:
     ood_quantile: float = 0.002
     prototypes_per_label: int = 32
     head_gate: tuple[float, float] | None = None
+    style_shift_l2: float = 0.01
+    style_shift_recalibrate: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,6 +100,73 @@ def ood_prototypes(
     return np.concatenate(protos).astype(np.float32)
 
 
+def fit_style_shift(
+    gate: np.ndarray,
+    head: np.ndarray,
+    prior: np.ndarray,
+    y: np.ndarray,
+    l2: float = 0.01,
+    temperature: float = 1.0,
+) -> StyleShift:
+    """The ``StyleShift`` minimising the mean cross-entropy of ``y`` ``(n,)`` label ids under
+    ``softmax(logits / temperature)``, plus ``l2`` x the squared norm of its parameters (zero: no
+    shift), from the router's gate weights ``(n,)``, head logits and weighted prior logits
+    ``(n, k)`` on those requests (L-BFGS)."""
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax, softmax
+
+    n, k = head.shape
+    if len(y) != n or len(gate) != n or prior.shape != (n, k):
+        raise ValueError(
+            f"style shift inputs disagree: gate {gate.shape}, head {head.shape}, prior "
+            f"{prior.shape}, labels {np.shape(y)}"
+        )
+    if l2 < 0:
+        raise ValueError(f"style_shift_l2 must be >= 0, got {l2}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    g = gate.astype(np.float64)[:, None]
+    u = 1.0 - g
+    # fitted on logits / temperature: the same shift, its bias scaled back, acts on the logits
+    h, p = head.astype(np.float64) / temperature, prior.astype(np.float64) / temperature
+    onehot = np.eye(k)[y]
+
+    def unpack(t: np.ndarray) -> StyleShift:
+        return StyleShift(t[: k * k].reshape(k, k), t[k * k : k * k + k], float(t[-1]))
+
+    def loss_and_grad(t: np.ndarray) -> tuple[float, np.ndarray]:
+        z = unpack(t).logits(g[:, 0], h, p)
+        loss = -(log_softmax(z, axis=1) * onehot).sum() / n + l2 * float(t @ t)
+        dz = (softmax(z, axis=1) - onehot) / n  # (n, k)
+        du = u * dz
+        grad = np.concatenate([(du.T @ p).ravel(), du.sum(axis=0), [float((g * du * h).sum())]])
+        return loss, grad + 2.0 * l2 * t
+
+    t = minimize(loss_and_grad, np.zeros(k * k + k + 1), jac=True, method="L-BFGS-B").x
+    shift = unpack(t)
+    return StyleShift(
+        shift.prior_mix.astype(np.float32),
+        (shift.bias * temperature).astype(np.float32),
+        shift.head_scale,
+    )
+
+
+def _fit_style_shift(
+    router: Router, x: np.ndarray, xs: np.ndarray, y: np.ndarray, l2: float
+) -> None:
+    """Fit ``router.style_shift`` on requests ``x`` (``xs``: their similarity columns) / ``y`` at
+    the router's temperature."""
+    assert router.head_gate is not None and router.prior is not None  # fit_router checked
+    router.style_shift = fit_style_shift(
+        router.head_gate.weights(xs),
+        router.head.logits(x),
+        router.prior_weight * router.prior.logits(xs),
+        y,
+        l2,
+        router.temperature,
+    )
+
+
 def fit_router(
     encoder: Encoder,
     labels: Sequence[str],
@@ -107,9 +180,13 @@ def fit_router(
     policy: InputPolicy | None = None,
     config: FitConfig | None = None,
     base_label: str = "base",
+    x_style: np.ndarray | None = None,
+    y_style: np.ndarray | None = None,
 ) -> Router:
     """A calibrated router: head on ``x_train`` ``(n, dim)`` / ``y_train`` ``(n,)`` label ids,
-    temperature and thresholds on ``x_val`` / ``y_val``."""
+    temperature and thresholds on ``x_val`` / ``y_val``, and a ``StyleShift`` on ``x_style`` /
+    ``y_style`` when given (it needs the head gate and the prior; before the temperature and
+    thresholds with ``config.style_shift_recalibrate``, else after them, at that temperature)."""
     cfg = config or FitConfig()
     labels = tuple(labels)
     head = fit_head(
@@ -151,6 +228,13 @@ def fit_router(
         descriptions={k: list(v) for k, v in (descriptions or {}).items()},
         base_label=base_label,
     )
+    style = None
+    if x_style is not None and y_style is not None and len(y_style):
+        if gate is None or prior is None or not cfg.prior_weight:
+            raise ValueError("a style shift needs the head gate and the description prior")
+        style = (x_style, x_style[:, :sim], y_style, cfg.style_shift_l2)
+    if style is not None and cfg.style_shift_recalibrate:
+        _fit_style_shift(router, *style)
     if cfg.calibrate:
         router.temperature = fit_temperature(router.logits(x_val), y_val)
     scores = router.scores(x_val)
@@ -163,4 +247,6 @@ def fit_router(
         max_risk=cfg.max_risk,
         ood_quantile=cfg.ood_quantile,
     )
+    if style is not None and not cfg.style_shift_recalibrate:
+        _fit_style_shift(router, *style)
     return router

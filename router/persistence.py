@@ -2,9 +2,9 @@
 
 The JSON holds the format version, labels, encoder spec and fingerprint, temperature, thresholds,
 input policy, descriptions and the SHA-256 of the tensor file; the tensors hold the head, the
-description embeddings, the OOD prototypes, the head gate's prototypes (if any) and the embeddings
-of a few probe texts. A router whose encoder was tuned for it carries the encoder in ``encoder/``
-(a sentence-transformers folder, safetensors), so the folder moves as one. Loading re-encodes the
+description embeddings, the OOD prototypes, the head gate's prototypes and the style shift (if
+any) and the embeddings of a few probe texts. A router whose encoder was tuned for it carries the
+encoder in ``encoder/`` (a sentence-transformers folder, safetensors), so the folder moves as one. Loading re-encodes the
 probe texts and refuses an encoder whose fingerprint (weights SHA-256 included) or embeddings
 differ.
 """
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from router.calibration import Thresholds
-from router.classifier import DescriptionPrior, HeadGate, head_from_tensors
+from router.classifier import DescriptionPrior, HeadGate, StyleShift, head_from_tensors
 from router.encoders import (
     Encoder,
     EncoderSpec,
@@ -132,6 +132,9 @@ def save_router(
         tensors["ood.prototypes"] = router.prototypes
     if router.head_gate is not None:
         tensors["head_gate.prototypes"] = router.head_gate.prototypes
+    if router.style_shift is not None:
+        tensors["style_shift.prior_mix"] = router.style_shift.prior_mix
+        tensors["style_shift.bias"] = router.style_shift.bias
     tensors["probe.embeddings"] = router.encoder.encode(list(PROBE_TEXTS))
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     config: dict[str, Any] = {
@@ -154,6 +157,8 @@ def save_router(
     }
     if router.head_gate is not None:  # absent otherwise: an ungated router keeps its version
         config["head_gate"] = {"low": router.head_gate.low, "high": router.head_gate.high}
+    if router.style_shift is not None:  # likewise
+        config["style_shift"] = {"head_scale": router.style_shift.head_scale}
     if router.similarity_dim is not None:  # likewise: only with a concatenated encoder
         config["similarity_dim"] = router.similarity_dim
     with _atomic_directory(Path(path)) as tmp:
@@ -260,6 +265,13 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
                 float(config["head_gate"]["low"]),
                 float(config["head_gate"]["high"]),
             )
+        style_shift = None
+        if config.get("style_shift"):
+            style_shift = StyleShift(
+                tensors["style_shift.prior_mix"],
+                tensors["style_shift.bias"],
+                float(config["style_shift"]["head_scale"]),
+            )
         thresholds = Thresholds(**config["thresholds"])
         policy = InputPolicy(**config["policy"])
     except (KeyError, TypeError, ValueError) as e:
@@ -300,6 +312,7 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
         prior_weight=float(config["prior"]["weight"]) if config.get("prior") else 0.0,
         prototypes=prototypes,
         head_gate=head_gate,
+        style_shift=style_shift,
         similarity_dim=sim,
         descriptions=config.get("descriptions", {}),
         base_label=config["base_label"],

@@ -165,7 +165,8 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
     from loralab.routing.train import build_examples
 
     _write_data(tmp_path / "data")
-    no_gate = [] if prototypes else ["router.head_gate=null"]  # the gate reads the prototypes
+    # the gate reads the prototypes, and the style shift acts where the gate is not open
+    no_gate = [] if prototypes else ["router.head_gate=null", "router.style_shift.checks=[]"]
     cfg = _config(tmp_path, f"router.ood_prototypes_per_label={prototypes}", *no_gate)
     result = train_router(cfg)
     run = tmp_path / "run"
@@ -178,7 +179,7 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
         "probe",
         *(
             f"{check}_{half}"
-            for check in ("exam", "exam2", "exam3", "exam4", "exam5", "exam6")
+            for check in ("exam", *(f"exam{k}" for k in range(2, 9)))
             for half in ("dev", "sealed")
         ),
     }
@@ -225,6 +226,35 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
     assert by_hand["test"]["accuracy"] >= 0.9 and 0 < by_hand["test"]["coverage"] < 1
 
 
+def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) -> None:
+    from loralab.routing import train_router
+    from loralab.routing.exam_check import exam_items
+
+    _write_data(tmp_path / "data")
+    no_checks = ["router.data.exam_checks={}", "router.data.probe_set=false"]
+    cfg = _config(tmp_path, *no_checks, "router.style_shift.checks=[exam2,exam3]")
+    metrics = train_router(cfg)["metrics"]
+    shift = metrics["router"]["style_shift"]
+    assert shift["checks"] == ["exam2", "exam3"] and shift["n_questions"] == 960
+    router = Router.load(tmp_path / "run" / "router")
+    assert router.style_shift is not None
+    assert router.style_shift.bias.tolist() == pytest.approx(shift["bias"])
+    # the shift moves the exam questions' logits; a run without it saves no shift
+    x = router.encoder.encode([i.text for i in exam_items(check="exam2")[:20]])
+    _write_data(tmp_path / "plain" / "data")
+    unshifted = _config(tmp_path / "plain", *no_checks, "router.style_shift.checks=[]")
+    assert train_router(unshifted)["metrics"]["router"]["style_shift"] is None
+    plain = Router.load(tmp_path / "plain" / "run" / "router")
+    assert plain.style_shift is None
+    assert not np.allclose(router.logits(x), plain.logits(x))
+    _write_data(tmp_path / "bad" / "data")
+    with pytest.raises(ValueError, match="unknown exam check 'exam9'"):
+        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam9]"))
+    # without the head gate there is nothing for it to act on: refused with the override to add
+    with pytest.raises(ValueError, match=r"needs the head gate .* router.style_shift.checks=\[\]"):
+        train_router(_config(tmp_path / "bad", *no_checks, "router.head_gate=null"))
+
+
 def _selective_by_hand(router: Router, texts: list[str], labels: list[str]) -> dict[str, float]:
     """Accuracy, coverage, risk and calibration of ``router`` on ``texts``, counted by hand."""
     decisions = router.decide_embeddings(router.encoder.encode(texts))
@@ -252,7 +282,7 @@ def _selective_by_hand(router: Router, texts: list[str], labels: list[str]) -> d
 
 
 def test_cached_encode_reuses_a_chunk_and_reencodes_only_a_changed_one(tmp_path: Path) -> None:
-    from loralab.routing.train import cached_encode
+    from loralab.routing.embedding_cache import cached_encode
 
     law, code = ["court statute", "tenant lease"], ["python loop", "sort array"]
     enc = CountingEncoder()
@@ -279,7 +309,7 @@ def test_cached_encode_reuses_a_chunk_and_reencodes_only_a_changed_one(tmp_path:
 
 
 def test_a_concatenated_encoder_caches_each_part_apart(tmp_path: Path) -> None:
-    from loralab.routing.train import cached_encode
+    from loralab.routing.embedding_cache import cached_encode
 
     texts = ["court statute", "python loop", "patient fever"]
     x_sentence = cached_encode(CountingEncoder(), texts, tmp_path, 8)
@@ -305,6 +335,7 @@ def _chunks(cfg: DictConfig, root: Path) -> dict[tuple[str, str, str], list[str]
     """The texts of each set, label and view: the documented unit of the embedding cache."""
     from loralab.routing.train import build_examples
 
+    # the style shift's questions are the evaluated exam halves' chunks: not encoded again
     train, val, sets = build_examples(cfg, root)
     out: dict[tuple[str, str, str], list[str]] = {}
     for name, examples in {"train": train, "val": val, **sets}.items():

@@ -107,9 +107,15 @@ def toy_split(encoder: Encoder, n_per_label: int, seed: int) -> tuple[np.ndarray
     return encoder.encode(texts), np.asarray(y)
 
 
-def fit_toy_router(encoder: Encoder, **config: Any) -> Router:
+def fit_toy_router(
+    encoder: Encoder,
+    x_style: np.ndarray | None = None,
+    y_style: np.ndarray | None = None,
+    **config: Any,
+) -> Router:
     """A router fitted on the toy corpus (60 texts per label, 20 for validation): routes
-    ``QUESTIONS[label]`` to ``label``. ``config``: ``FitConfig`` fields over the tests' defaults."""
+    ``QUESTIONS[label]`` to ``label``. ``config``: ``FitConfig`` fields over the tests' defaults;
+    ``x_style`` / ``y_style``: requests of another style for a style shift."""
     x_train, y_train = toy_split(encoder, 60, seed=0)
     x_val, y_val = toy_split(encoder, 20, seed=1)
     fit = {"c": 10.0, "prior_weight": 0.5, "prototypes_per_label": 8, **config}
@@ -123,6 +129,8 @@ def fit_toy_router(encoder: Encoder, **config: Any) -> Router:
         descriptions=DESCRIPTIONS,
         policy=InputPolicy(),
         config=FitConfig(**fit),
+        x_style=x_style,
+        y_style=y_style,
     )
 
 

@@ -18,13 +18,18 @@ alone, it chose between the two (MiniLM alone, the default until ``exam5``).
 chosen on the other checks (the WordLlama one, by the held-back estimate: ``held_back.py``) was
 confirmed on it; that look made it the default. ``exam6`` (480 items, the same composition, four
 more new writers; questions close to an earlier check's rewritten before it was frozen) was then
-read once to measure the default, no design having led it by the bar set beforehand.
+read once to measure the default, no design having led it by the bar set beforehand. ``exam7`` and
+``exam8`` (480 items each, the same composition and rule, four and five more new writers)
+confirmed the style shift (``router.style_shift``): ``exam7`` the first design, ``exam8`` the
+current one, which is fitted on ``exam2`` to ``exam7``.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
-Never trained on. Each label is split in two by a hash of the item id: the ``dev`` half may be
-looked at while choosing the design, the ``sealed`` half is evaluated once, at the end. A SHA-256
-pins each file: an edited file is refused, so later tuning cannot quietly change a check.
+The head is never trained on them; the checks ``router.style_shift.checks`` names fit the style
+shift's few parameters, and their figures are then no longer those of unseen questions. Each label
+is split in two by a hash of the item id: the ``dev`` half may be looked at while choosing the
+design, the ``sealed`` half is evaluated once, at the end. A SHA-256 pins each file: an edited file
+is refused, so later tuning cannot quietly change a check.
 """
 
 from __future__ import annotations
@@ -65,6 +70,14 @@ EXAM_CHECKS = {
     "exam6": (
         "exam_check_6.jsonl",
         "3ef3d662b5094cf4756cd75bce56225344da0f9e58957f64767e933b55a5153c",
+    ),
+    "exam7": (
+        "exam_check_7.jsonl",
+        "338ad24744368c3f87859de76dc354f7f76a4e0d780646ec2951d42663929b95",
+    ),
+    "exam8": (
+        "exam_check_8.jsonl",
+        "f97618e5446a3ac056f3091cb4b778bcf9485b74de6d0529978f63903708a799",
     ),
 }
 

@@ -1,14 +1,13 @@
 """``train_router(cfg)``: fit, evaluate, compare with baselines, save and log the request router.
 
 Train split -> the classifier head and OOD prototypes; val split -> temperature and abstention
-thresholds; test split -> in-distribution metrics; out-of-style check set and the hand-written
+thresholds; the exam checks ``router.style_shift.checks`` names -> a ``StyleShift``; test split -> in-distribution metrics; out-of-style check set and the hand-written
 probe set -> robustness metrics. Writes ``<run dir>/router/`` (the saved router) and
 ``<run dir>/router_metrics.json``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -29,6 +28,7 @@ from loralab.routing.datasets import (
     read_label_records,
     split_examples,
 )
+from loralab.routing.embedding_cache import embed_examples
 from loralab.routing.evaluate import (
     batch_throughput,
     evaluate_router,
@@ -36,95 +36,20 @@ from loralab.routing.evaluate import (
     nearest_centroid_predict,
     zero_shot_predict,
 )
-from loralab.routing.exam_check import exam_items
+from loralab.routing.exam_check import HALVES, exam_items
 from loralab.routing.probes import probe_items
 from loralab.tracking import Tracker
 from router import InputPolicy, build_encoder
 from router.classifier import fit_head
-from router.encoders import Encoder, similarity_dim
+from router.encoders import similarity_dim
 from router.fitting import FitConfig, description_prior, fit_router
 
 log = logging.getLogger(__name__)
 
 
-def cached_encode(
-    encoder: Encoder,
-    texts: Sequence[str],
-    cache_dir: Path | None,
-    batch_size: int,
-    encoded: dict[str, int] | None = None,
-    key: str = "",
-) -> np.ndarray:
-    """Embeddings of ``texts``, cached in ``cache_dir`` under a hash of (encoder, texts); a
-    concatenated encoder's parts are cached apart (adding a static part re-encodes nothing else).
-    ``encoded[key]`` (when given) counts the texts actually encoded (not found in the cache; a
-    text counts once however many of its parts were encoded)."""
-    parts = getattr(encoder, "parts", None)
-    if parts is not None:
-        per_part = [dict[str, int]() for _ in parts]
-        x = np.hstack(
-            [
-                cached_encode(part, texts, cache_dir, batch_size, n, key)
-                for part, n in zip(parts, per_part, strict=True)
-            ]
-        )
-        if encoded is not None:
-            encoded[key] = encoded.get(key, 0) + max(n[key] for n in per_part)
-        return x
-    if encoded is not None:
-        encoded.setdefault(key, 0)
-    if cache_dir is None:
-        if encoded is not None:
-            encoded[key] += len(texts)
-        return encoder.encode(texts, batch_size=batch_size)
-    h = hashlib.sha256(json.dumps(encoder.fingerprint(), sort_keys=True).encode())
-    for t in texts:
-        h.update(t.encode("utf-8", "replace") + b"\0")
-    path = cache_dir / f"{h.hexdigest()[:24]}.npy"
-    if path.is_file():
-        try:
-            x = np.load(path, allow_pickle=False)
-            if x.shape == (len(texts), encoder.dim):
-                return x
-        except (OSError, ValueError) as e:  # a damaged cache file is re-encoded, never trusted
-            log.warning("ignoring unreadable embedding cache %s (%s)", path, e)
-    t0 = time.perf_counter()
-    if encoded is not None:
-        encoded[key] += len(texts)
-    x = encoder.encode(texts, batch_size=batch_size)
-    log.info("encoded %d texts in %.1fs", len(texts), time.perf_counter() - t0)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{time.time_ns()}.tmp.npy")
-    np.save(tmp, x)
-    tmp.replace(path)
-    return x
-
-
-def _embed(
-    encoder: Encoder,
-    examples: Sequence[Example],
-    labels: Sequence[str],
-    cache: Path | None,
-    batch: int,
-    encoded: dict[str, int] | None = None,
-) -> tuple[np.ndarray, np.ndarray, list[Example]]:
-    """Embeddings ``(n, dim)``, label ids ``(n,)`` and the examples in row order (label by label,
-    view by view; cached per label and view, so changing one label's cap or adding a view
-    re-encodes only those texts)."""
-    xs, ys, rows = [], [], []
-    for k, label in enumerate(labels):
-        of_label = [e for e in examples if e.label == label]
-        for view in dict.fromkeys(e.view for e in of_label):
-            chunk = [e for e in of_label if e.view == view]
-            texts = [e.text for e in chunk]
-            xs.append(cached_encode(encoder, texts, cache, batch, encoded, label))
-            ys.append(np.full(len(chunk), k))
-            rows += chunk
-    return np.concatenate(xs), np.concatenate(ys), rows
-
-
 def fit_config(rcfg: DictConfig) -> FitConfig:
     a = rcfg.abstention
+    shift = rcfg.get("style_shift") or {}
     return FitConfig(
         head=rcfg.head.kind,
         c=float(rcfg.head.c),
@@ -141,8 +66,34 @@ def fit_config(rcfg: DictConfig) -> FitConfig:
         head_gate=None
         if rcfg.get("head_gate") is None
         else (float(rcfg.head_gate.low_quantile), float(rcfg.head_gate.high_quantile)),
+        style_shift_l2=float(shift.get("l2", 0.01)),
+        style_shift_recalibrate=bool(shift.get("recalibrate", False)),
         seed=int(rcfg.get("seed", 0)),
     )
+
+
+def style_shift_checks(rcfg: DictConfig) -> list[str]:
+    """The exam checks ``router.style_shift.checks`` names (both halves fit the style shift);
+    refused, before anything is encoded, where the router has no head gate or no prior for it."""
+    checks = [str(c) for c in ((rcfg.get("style_shift") or {}).get("checks") or [])]
+    if checks and (
+        rcfg.get("head_gate") is None
+        or not int(rcfg.ood_prototypes_per_label)
+        or not float(rcfg.prior.weight)
+    ):
+        raise ValueError(
+            f"router.style_shift.checks={checks} needs the head gate (router.head_gate, with "
+            "router.ood_prototypes_per_label > 0) and the prior (router.prior.weight > 0); "
+            "add router.style_shift.checks=[] to train without a style shift"
+        )
+    return checks
+
+
+def exam_examples(check: str, half: str) -> list[Example]:
+    """One half of a frozen exam check as labelled examples."""
+    return [
+        Example(i.text, i.label, f"{i.label}/{i.topic}", check) for i in exam_items(half, check)
+    ]
 
 
 def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
@@ -180,10 +131,7 @@ def build_examples(
         sets["probe"] = [Example(t, label, f"probe/{label}", "probe") for t, label in probe_items()]
     for check, check_halves in (d.get("exam_checks") or {}).items():
         for half in check_halves or []:
-            sets[f"{check}_{half}"] = [
-                Example(i.text, i.label, f"{i.label}/{i.topic}", check)
-                for i in exam_items(half, check)
-            ]
+            sets[f"{check}_{half}"] = exam_examples(check, half)
     return (
         split("train", d.max_train_per_label, list(d.views)),
         split("val", d.max_val_per_label, list(d.get("val_views") or ["instruction"])),
@@ -223,6 +171,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     batch = int(rcfg.encode_batch_size)
     t_start = time.perf_counter()
 
+    style_checks = style_shift_checks(rcfg)
     train, val, sets = build_examples(cfg, root)
     log.info(
         "router examples: train %d, val %d, %s",
@@ -238,11 +187,19 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     t_tuned = time.perf_counter()
     encoder = build_encoder(encoder_cfg)
     encoded: dict[str, int] = {}  # texts encoded per label (the others came from the cache)
-    x_train, y_train, train = _embed(encoder, train, labels, cache, batch, encoded)
-    x_val, y_val, _ = _embed(encoder, val, labels, cache, batch, encoded)
+    x_train, y_train, train = embed_examples(encoder, train, labels, cache, batch, encoded)
+    x_val, y_val, _ = embed_examples(encoder, val, labels, cache, batch, encoded)
+    # half by half: the same cache chunks as the evaluated halves, so nothing is encoded twice
+    style = [
+        embed_examples(encoder, exam_examples(check, half), labels, cache, batch, encoded)
+        for check in style_checks
+        for half in HALVES
+    ]
+    x_style = np.concatenate([x for x, _, _ in style]) if style else None
+    y_style = np.concatenate([y for _, y, _ in style]) if style else None
     embedded = {}
     for name, examples in sets.items():
-        x, y, rows = _embed(encoder, examples, labels, cache, batch, encoded)
+        x, y, rows = embed_examples(encoder, examples, labels, cache, batch, encoded)
         groups = [_coarse_group(e.group) if name == "test" else e.group for e in rows]
         embedded[name] = (x, y, groups)
     t_encoded = time.perf_counter()
@@ -262,6 +219,8 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         sample_weight=weights,
         policy=policy,
         config=fcfg,
+        x_style=x_style,
+        y_style=y_style,
     )
     # Baseline: the same logistic regression on instructions only, no prior, no abstention.
     only = np.array([e.view == "instruction" for e in train])
@@ -301,6 +260,16 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "n_train": len(train),
         "n_val": len(val),
         "encoder": encoder.fingerprint(),
+        # the checks it was fitted on: their figures are no longer those of unseen questions
+        "style_shift": None
+        if router.style_shift is None
+        else {
+            "checks": style_checks,
+            "n_questions": len(y_style) if y_style is not None else 0,
+            "head_scale": router.style_shift.head_scale,
+            "bias": router.style_shift.bias.tolist(),
+            "prior_mix": router.style_shift.prior_mix.tolist(),
+        },
     }
     metrics["encoded_texts"] = encoded
     metrics["timing_s"] = {

@@ -1,0 +1,135 @@
+"""The style shift: how the head and the prior combine where the head gate is not fully open."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax
+from tests_router_helpers import LABELS, QUESTIONS, fit_toy_router, toy_split
+
+from router import HashingEncoder, Router
+from router.classifier import StyleShift
+from router.fitting import fit_style_shift
+
+
+def test_style_shift_logits_worked_by_hand() -> None:
+    shift = StyleShift(np.array([[0.0, 0.0], [1.0, 0.0]]), np.array([0.0, 0.5]), head_scale=-1.0)
+    gate = np.array([1.0, 0.5, 0.0])
+    head = np.tile([1.0, 0.0], (3, 1))
+    prior = np.tile([2.0, 1.0], (3, 1))
+    # g = 1: head + prior; g = 0.5: 0.5 * 0.5 * head + prior + 0.5 * ([0, 2] + [0, 0.5]);
+    # g = 0: prior + [0, 2.5]
+    assert shift.logits(gate, head, prior).tolist() == [[3.0, 1.0], [2.25, 2.25], [2.0, 3.5]]
+    with pytest.raises(ValueError, match=r"prior_mix \(k, k\) and bias \(k,\)"):
+        StyleShift(np.zeros((2, 3)), np.zeros(2), 0.0)
+
+
+def test_fit_style_shift_recovers_a_known_shift() -> None:
+    # Labels drawn from softmax(prior + u * b) on requests off the training style (u = 1 - gate):
+    # the fitted bias comes back (a bias is defined up to a constant; this one sums to zero).
+    rng = np.random.default_rng(0)
+    n, true_bias = 20_000, np.array([1.0, -1.0, 0.0])
+    gate = rng.uniform(0.0, 1.0, n)
+    head = np.zeros((n, 3))
+    prior = rng.normal(0.0, 1.0, (n, 3))
+    z = prior + (1 - gate)[:, None] * true_bias
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    y = np.array([rng.choice(3, p=row / row.sum()) for row in p])
+    shift = fit_style_shift(gate, head, prior, y, l2=0.0)
+    assert shift.bias == pytest.approx(true_bias, abs=0.1)
+    assert np.abs(shift.prior_mix).max() < 0.1
+
+    def nll(s: StyleShift) -> float:
+        return float(-log_softmax(s.logits(gate, head, prior), axis=1)[np.arange(n), y].mean())
+
+    zero = StyleShift(np.zeros((3, 3)), np.zeros(3), 0.0)
+    assert nll(shift) < nll(zero) - 0.05
+    # a large penalty keeps it near no shift at all
+    assert np.abs(fit_style_shift(gate, head, prior, y, l2=100.0).bias).max() < 0.01
+    # fitted at a temperature: the same shift as on logits divided by it, its bias scaled back
+    at_2 = fit_style_shift(gate, head, 2.0 * prior, y, l2=0.0, temperature=2.0)
+    assert at_2.bias == pytest.approx(2.0 * shift.bias, abs=1e-3)
+    assert at_2.prior_mix == pytest.approx(shift.prior_mix, abs=1e-3)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fit_style_shift(gate, head, prior, y, temperature=0.0)
+    with pytest.raises(ValueError, match="style shift inputs disagree"):
+        fit_style_shift(gate[:10], head, prior, y)
+    with pytest.raises(ValueError, match="style_shift_l2 must be >= 0"):
+        fit_style_shift(gate, head, prior, y, l2=-1.0)
+
+
+def _style_set(encoder: HashingEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """Toy texts whose labels are rotated (law texts labelled code, ...): another style's labels."""
+    x, y = toy_split(encoder, 15, seed=2)
+    return x, (y + 1) % len(LABELS)
+
+
+def test_router_with_a_style_shift_keeps_the_open_gate_rows_and_saves_it(
+    tmp_path: Path, hashing_encoder: HashingEncoder
+) -> None:
+    x_val, _ = toy_split(hashing_encoder, 20, seed=1)
+    x_style, y_style = _style_set(hashing_encoder)
+    plain = fit_toy_router(hashing_encoder, head_gate=(0.1, 0.5))
+    shifted = fit_toy_router(hashing_encoder, x_style, y_style, head_gate=(0.1, 0.5))
+    assert plain.style_shift is None and shifted.style_shift is not None
+    gate = shifted.head_gate
+    assert gate is not None
+    open_rows = x_val[gate.weights(x_val) == 1.0]
+    assert len(open_rows) and np.allclose(shifted.logits(open_rows), plain.logits(open_rows))
+    # where the gate is not open, the logits move toward the rotated labels
+    w = gate.weights(x_style)
+    off = x_style[w < 1.0]
+    assert len(off)
+
+    def hits(r: Router) -> int:
+        return int((r.logits(off).argmax(axis=1) == y_style[w < 1.0]).sum())
+
+    assert hits(shifted) > hits(plain)
+
+    shifted.save(tmp_path / "shifted")
+    plain.save(tmp_path / "plain")
+    saved = json.loads((tmp_path / "shifted" / "router.json").read_text())
+    assert saved["style_shift"] == {"head_scale": shifted.style_shift.head_scale}
+    assert "style_shift" not in json.loads((tmp_path / "plain" / "router.json").read_text())
+    loaded = Router.load(tmp_path / "shifted")
+    assert loaded.style_shift is not None
+    assert np.array_equal(loaded.style_shift.prior_mix, shifted.style_shift.prior_mix)
+    texts = [*QUESTIONS.values(), "holiday court"]
+    assert [d.probs for d in loaded.route_batch(texts)] == [
+        d.probs for d in shifted.route_batch(texts)
+    ]
+    assert Router.load(tmp_path / "plain").style_shift is None
+
+
+def test_without_recalibration_the_router_keeps_its_temperature_and_thresholds(
+    hashing_encoder: HashingEncoder,
+) -> None:
+    x_style, y_style = _style_set(hashing_encoder)
+    plain = fit_toy_router(hashing_encoder, head_gate=(0.1, 0.5))
+    kept = fit_toy_router(hashing_encoder, x_style, y_style, head_gate=(0.1, 0.5))
+    refit = fit_toy_router(
+        hashing_encoder, x_style, y_style, head_gate=(0.1, 0.5), style_shift_recalibrate=True
+    )
+    assert kept.style_shift is not None and refit.style_shift is not None
+    assert (kept.temperature, kept.thresholds) == (plain.temperature, plain.thresholds)
+    assert refit.temperature != plain.temperature
+
+    # fitted at the kept temperature: its probabilities fit the style set's labels better
+    def nll(r: Router) -> float:
+        p = r.scores(x_style).probs[np.arange(len(y_style)), y_style]
+        return float(-np.log(p).mean())
+
+    assert nll(kept) < nll(plain)
+
+
+def test_a_style_shift_needs_the_head_gate_and_the_prior(hashing_encoder: HashingEncoder) -> None:
+    x_style, y_style = _style_set(hashing_encoder)
+    with pytest.raises(ValueError, match="needs the head gate and the description prior"):
+        fit_toy_router(hashing_encoder, x_style, y_style)
+    gated = fit_toy_router(hashing_encoder, head_gate=(0.1, 0.5))
+    shift = StyleShift(np.zeros((4, 4)), np.zeros(4), 0.0)
+    with pytest.raises(ValueError, match="needs a head gate and a description prior"):
+        Router(encoder=gated.encoder, labels=LABELS, head=gated.head, style_shift=shift)
