@@ -30,7 +30,8 @@ class FitConfig:
     (``HeadGate``; None = the head always counts fully). ``style_shift_l2``: the L2 penalty of a
     ``StyleShift`` fitted when ``fit_router`` is given requests of another style;
     ``style_shift_recalibrate``: fit it first and the temperature and thresholds after it (else
-    they are fitted without it, and it at that temperature)."""
+    they are fitted without it, and it at that temperature); ``style_shift_train_labels``: the
+    labels whose training texts the gate does not fully open for join its requests."""
 
     head: str = "logreg"
     c: float = 1.0
@@ -47,6 +48,7 @@ class FitConfig:
     head_gate: tuple[float, float] | None = None
     style_shift_l2: float = 0.01
     style_shift_recalibrate: bool = False
+    style_shift_train_labels: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -151,6 +153,22 @@ def fit_style_shift(
     )
 
 
+def off_style_rows(
+    gate: HeadGate,
+    x: np.ndarray,
+    y: np.ndarray,
+    labels: Sequence[str],
+    of_labels: Sequence[str],
+) -> np.ndarray:
+    """``(n,)`` mask of the rows of ``x`` (similarity columns) / ``y`` (label ids) whose label is
+    among ``of_labels`` and that ``gate`` does not fully open for."""
+    unknown = sorted(set(of_labels) - set(labels))
+    if unknown:
+        raise ValueError(f"style_shift_train_labels {unknown} are not among labels {list(labels)}")
+    ids = [list(labels).index(label) for label in of_labels]
+    return (gate.weights(x) < 1.0) & np.isin(y, ids)
+
+
 def _fit_style_shift(
     router: Router, x: np.ndarray, xs: np.ndarray, y: np.ndarray, l2: float
 ) -> None:
@@ -185,7 +203,8 @@ def fit_router(
 ) -> Router:
     """A calibrated router: head on ``x_train`` ``(n, dim)`` / ``y_train`` ``(n,)`` label ids,
     temperature and thresholds on ``x_val`` / ``y_val``, and a ``StyleShift`` on ``x_style`` /
-    ``y_style`` when given (it needs the head gate and the prior; before the temperature and
+    ``y_style`` when given, with the training texts of ``config.style_shift_train_labels`` that the
+    gate does not fully open for (it needs the head gate and the prior; before the temperature and
     thresholds with ``config.style_shift_recalibrate``, else after them, at that temperature)."""
     cfg = config or FitConfig()
     labels = tuple(labels)
@@ -232,7 +251,9 @@ def fit_router(
     if x_style is not None and y_style is not None and len(y_style):
         if gate is None or prior is None or not cfg.prior_weight:
             raise ValueError("a style shift needs the head gate and the description prior")
-        style = (x_style, x_style[:, :sim], y_style, cfg.style_shift_l2)
+        off = off_style_rows(gate, x_train[:, :sim], y_train, labels, cfg.style_shift_train_labels)
+        x_all = np.concatenate([x_style, x_train[off]])
+        style = (x_all, x_all[:, :sim], np.concatenate([y_style, y_train[off]]), cfg.style_shift_l2)
     if style is not None and cfg.style_shift_recalibrate:
         _fit_style_shift(router, *style)
     if cfg.calibrate:

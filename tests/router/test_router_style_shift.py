@@ -12,7 +12,7 @@ from tests_router_helpers import LABELS, QUESTIONS, fit_toy_router, toy_split
 
 from router import HashingEncoder, Router
 from router.classifier import StyleShift
-from router.fitting import fit_style_shift
+from router.fitting import fit_style_shift, off_style_rows
 
 
 def test_style_shift_logits_worked_by_hand() -> None:
@@ -133,3 +133,31 @@ def test_a_style_shift_needs_the_head_gate_and_the_prior(hashing_encoder: Hashin
     shift = StyleShift(np.zeros((4, 4)), np.zeros(4), 0.0)
     with pytest.raises(ValueError, match="needs a head gate and a description prior"):
         Router(encoder=gated.encoder, labels=LABELS, head=gated.head, style_shift=shift)
+
+
+def test_off_style_training_texts_of_named_labels_join_the_style_set(
+    hashing_encoder: HashingEncoder,
+) -> None:
+    r = fit_toy_router(hashing_encoder, head_gate=(0.1, 0.5))
+    assert r.head_gate is not None
+    x_train, y_train = toy_split(hashing_encoder, 60, seed=0)
+    w = r.head_gate.weights(x_train)
+    law, code = LABELS.index("law"), LABELS.index("code")
+    rows = off_style_rows(r.head_gate, x_train, y_train, LABELS, ["law", "code"])
+    assert rows.sum() == ((w < 1.0) & np.isin(y_train, [law, code])).sum() > 0
+    assert set(y_train[rows]) <= {law, code} and (w[rows] < 1.0).all()
+    assert not off_style_rows(r.head_gate, x_train, y_train, LABELS, []).any()
+    with pytest.raises(ValueError, match=r"\['surgery'\] are not among labels"):
+        off_style_rows(r.head_gate, x_train, y_train, LABELS, ["surgery"])
+    # with them the shift is fitted on more requests, and comes out otherwise
+    x_style, y_style = _style_set(hashing_encoder)
+    alone = fit_toy_router(hashing_encoder, x_style, y_style, head_gate=(0.1, 0.5))
+    joined = fit_toy_router(
+        hashing_encoder,
+        x_style,
+        y_style,
+        head_gate=(0.1, 0.5),
+        style_shift_train_labels=("law", "code"),
+    )
+    assert alone.style_shift is not None and joined.style_shift is not None
+    assert not np.allclose(alone.style_shift.prior_mix, joined.style_shift.prior_mix)

@@ -179,7 +179,7 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
         "probe",
         *(
             f"{check}_{half}"
-            for check in ("exam", *(f"exam{k}" for k in range(2, 9)))
+            for check in ("exam", *(f"exam{k}" for k in range(2, 10)))
             for half in ("dev", "sealed")
         ),
     }
@@ -232,10 +232,17 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
 
     _write_data(tmp_path / "data")
     no_checks = ["router.data.exam_checks={}", "router.data.probe_set=false"]
-    cfg = _config(tmp_path, *no_checks, "router.style_shift.checks=[exam2,exam3]")
+    cfg = _config(
+        tmp_path,
+        *no_checks,
+        "router.style_shift.checks=[exam2,exam3]",
+        "router.style_shift.train_labels=[law,code,medical,base]",
+    )
     metrics = train_router(cfg)["metrics"]
     shift = metrics["router"]["style_shift"]
     assert shift["checks"] == ["exam2", "exam3"] and shift["n_questions"] == 960
+    assert shift["train_labels"] == ["law", "code", "medical", "base"]
+    assert shift["n_training_texts"] > 0
     router = Router.load(tmp_path / "run" / "router")
     assert router.style_shift is not None
     assert router.style_shift.bias.tolist() == pytest.approx(shift["bias"])
@@ -248,8 +255,8 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
     assert plain.style_shift is None
     assert not np.allclose(router.logits(x), plain.logits(x))
     _write_data(tmp_path / "bad" / "data")
-    with pytest.raises(ValueError, match="unknown exam check 'exam9'"):
-        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam9]"))
+    with pytest.raises(ValueError, match="unknown exam check 'exam10'"):
+        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam10]"))
     # without the head gate there is nothing for it to act on: refused with the override to add
     with pytest.raises(ValueError, match=r"needs the head gate .* router.style_shift.checks=\[\]"):
         train_router(_config(tmp_path / "bad", *no_checks, "router.head_gate=null"))

@@ -20,8 +20,9 @@ confirmed on it; that look made it the default. ``exam6`` (480 items, the same c
 more new writers; questions close to an earlier check's rewritten before it was frozen) was then
 read once to measure the default, no design having led it by the bar set beforehand. ``exam7`` and
 ``exam8`` (480 items each, the same composition and rule, four and five more new writers)
-confirmed the style shift (``router.style_shift``): ``exam7`` the first design, ``exam8`` the
-current one, which is fitted on ``exam2`` to ``exam7``.
+confirmed the style shift (``router.style_shift``): ``exam7`` its first design, ``exam8`` the
+second, ``exam9`` (the same, five more new writers) the current one, which is fitted on ``exam2``
+to ``exam7``.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -78,6 +79,10 @@ EXAM_CHECKS = {
     "exam8": (
         "exam_check_8.jsonl",
         "f97618e5446a3ac056f3091cb4b778bcf9485b74de6d0529978f63903708a799",
+    ),
+    "exam9": (
+        "exam_check_9.jsonl",
+        "dac642935a938633fcc24822d4c76a6004d322a729b5f0c2f89ae9b0c9f69d62",
     ),
 }
 

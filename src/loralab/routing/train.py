@@ -39,10 +39,10 @@ from loralab.routing.evaluate import (
 from loralab.routing.exam_check import HALVES, exam_items
 from loralab.routing.probes import probe_items
 from loralab.tracking import Tracker
-from router import InputPolicy, build_encoder
+from router import InputPolicy, Router, build_encoder
 from router.classifier import fit_head
 from router.encoders import similarity_dim
-from router.fitting import FitConfig, description_prior, fit_router
+from router.fitting import FitConfig, description_prior, fit_router, off_style_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def fit_config(rcfg: DictConfig) -> FitConfig:
         else (float(rcfg.head_gate.low_quantile), float(rcfg.head_gate.high_quantile)),
         style_shift_l2=float(shift.get("l2", 0.01)),
         style_shift_recalibrate=bool(shift.get("recalibrate", False)),
+        style_shift_train_labels=tuple(str(x) for x in (shift.get("train_labels") or [])),
         seed=int(rcfg.get("seed", 0)),
     )
 
@@ -260,16 +261,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "n_train": len(train),
         "n_val": len(val),
         "encoder": encoder.fingerprint(),
-        # the checks it was fitted on: their figures are no longer those of unseen questions
-        "style_shift": None
-        if router.style_shift is None
-        else {
-            "checks": style_checks,
-            "n_questions": len(y_style) if y_style is not None else 0,
-            "head_scale": router.style_shift.head_scale,
-            "bias": router.style_shift.bias.tolist(),
-            "prior_mix": router.style_shift.prior_mix.tolist(),
-        },
+        "style_shift": _style_shift_summary(router, style_checks, x_train, y_train, fcfg),
     }
     metrics["encoded_texts"] = encoded
     metrics["timing_s"] = {
@@ -328,6 +320,27 @@ def _finetune(
     return finetune_encoder(
         resolve_model_name(str(encoder_cfg["name"])), texts, config, out_dir / "encoder"
     )
+
+
+def _style_shift_summary(
+    router: Router, checks: list[str], x_train: np.ndarray, y_train: np.ndarray, fcfg: FitConfig
+) -> dict[str, Any] | None:
+    """What the style shift was fitted on (those checks' figures are no longer those of unseen
+    questions) and its parameters; None without one."""
+    shift, gate = router.style_shift, router.head_gate
+    if shift is None or gate is None:
+        return None
+    x_sim = x_train[:, : router.similarity_dim] if router.similarity_dim else x_train
+    off = off_style_rows(gate, x_sim, y_train, router.labels, fcfg.style_shift_train_labels)
+    return {
+        "checks": checks,
+        "n_questions": sum(len(exam_items(check=c)) for c in checks),
+        "train_labels": list(fcfg.style_shift_train_labels),
+        "n_training_texts": int(off.sum()),
+        "head_scale": shift.head_scale,
+        "bias": shift.bias.tolist(),
+        "prior_mix": shift.prior_mix.tolist(),
+    }
 
 
 def _coarse_group(group: str) -> str:
