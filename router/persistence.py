@@ -4,9 +4,9 @@ The JSON holds the format version, labels, encoder spec and fingerprint, tempera
 input policy, descriptions and the SHA-256 of the tensor file; the tensors hold the head, the
 description embeddings, the OOD prototypes, the head gate's prototypes and the style shift (if
 any) and the embeddings of a few probe texts. A router whose encoder was tuned for it carries the
-encoder in ``encoder/`` (a sentence-transformers folder, safetensors), so the folder moves as one. Loading re-encodes the
-probe texts and refuses an encoder whose fingerprint (weights SHA-256 included) or embeddings
-differ.
+encoder in ``encoder/`` (a sentence-transformers folder, safetensors), so the folder moves as one.
+Loading re-encodes the probe texts and refuses an encoder whose fingerprint (weights SHA-256
+included) or embeddings differ.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``train_router(cfg)``: fit, evaluate, compare with baselines, save and log the request router.
 
 Train split -> the classifier head and OOD prototypes; val split -> temperature and abstention
-thresholds; the exam checks ``router.style_shift.checks`` names -> a ``StyleShift``; test split -> in-distribution metrics; out-of-style check set and the hand-written
-probe set -> robustness metrics. Writes ``<run dir>/router/`` (the saved router) and
+thresholds; the exam checks ``router.style_shift.checks`` names -> a ``StyleShift``; test split ->
+in-distribution metrics; out-of-style check set and the hand-written probe set -> robustness
+metrics. Writes ``<run dir>/router/`` (the saved router) and
 ``<run dir>/router_metrics.json``.
 """
 
@@ -261,7 +262,9 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "n_train": len(train),
         "n_val": len(val),
         "encoder": encoder.fingerprint(),
-        "style_shift": _style_shift_summary(router, style_checks, x_train, y_train, fcfg),
+        "style_shift": _style_shift_summary(
+            router, style_checks, len(y_style) if y_style is not None else 0, x_train, y_train, fcfg
+        ),
     }
     metrics["encoded_texts"] = encoded
     metrics["timing_s"] = {
@@ -323,7 +326,12 @@ def _finetune(
 
 
 def _style_shift_summary(
-    router: Router, checks: list[str], x_train: np.ndarray, y_train: np.ndarray, fcfg: FitConfig
+    router: Router,
+    checks: list[str],
+    n_questions: int,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    fcfg: FitConfig,
 ) -> dict[str, Any] | None:
     """What the style shift was fitted on (those checks' figures are no longer those of unseen
     questions) and its parameters; None without one."""
@@ -334,7 +342,7 @@ def _style_shift_summary(
     off = off_style_rows(gate, x_sim, y_train, router.labels, fcfg.style_shift_train_labels)
     return {
         "checks": checks,
-        "n_questions": sum(len(exam_items(check=c)) for c in checks),
+        "n_questions": n_questions,
         "train_labels": list(fcfg.style_shift_train_labels),
         "n_training_texts": int(off.sum()),
         "head_scale": shift.head_scale,
