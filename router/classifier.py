@@ -207,17 +207,19 @@ class StyleShift:
 
     The head is fitted on the training data's styles and the head gate already turns it down off
     them; ``StyleShift`` is fitted on labelled requests of another style (exam questions) and only
-    acts where the gate is not fully open. With ``g`` the gate weight and ``u = 1 - g``::
+    acts where the gate is not fully open. With ``g`` the gate weight, ``u = 1 - g`` and ``x`` the
+    request's embedding (the head's columns)::
 
-        logits = g (1 + u head_scale) head + prior + u (prior @ prior_mix.T + bias)
+        logits = g (1 + u head_scale) head + prior + u (prior @ prior_mix.T + bias + x @ W.T)
 
-    so a request the gate reads as the training data's own (``g = 1``) gets exactly the router's
-    logits without it.
+    (``W`` = ``embedding_weight``; without it that term is 0), so a request the gate reads as the
+    training data's own (``g = 1``) gets exactly the router's logits without it.
     """
 
     prior_mix: np.ndarray  # (n_labels, n_labels) added to the identity on the prior's logits
     bias: np.ndarray  # (n_labels,)
     head_scale: float
+    embedding_weight: np.ndarray | None = None  # (n_labels, dim): a linear term on the embedding
 
     def __post_init__(self) -> None:
         k = len(self.bias)
@@ -226,13 +228,27 @@ class StyleShift:
                 f"style shift needs prior_mix (k, k) and bias (k,), got {self.prior_mix.shape} "
                 f"and {self.bias.shape}"
             )
+        w = self.embedding_weight
+        if w is not None and (w.ndim != 2 or w.shape[0] != k):
+            raise ValueError(f"style shift embedding_weight needs shape ({k}, dim), got {w.shape}")
 
-    def logits(self, gate: np.ndarray, head: np.ndarray, prior: np.ndarray) -> np.ndarray:
-        """Gate weights ``(n,)``, head logits and (weighted) prior logits ``(n, k)`` -> ``(n, k)``."""
+    def logits(
+        self,
+        gate: np.ndarray,
+        head: np.ndarray,
+        prior: np.ndarray,
+        x: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Gate weights ``(n,)``, head logits and (weighted) prior logits ``(n, k)``, and with an
+        embedding term the embeddings ``x`` ``(n, dim)`` -> ``(n, k)``."""
         g = gate[:, None]
         u = 1.0 - g
-        return (
-            g * (1.0 + u * self.head_scale) * head
-            + prior
-            + u * (prior @ self.prior_mix.T + self.bias)
-        )
+        shift = prior @ self.prior_mix.T + self.bias
+        if self.embedding_weight is not None:
+            if x is None or x.shape[1:] != self.embedding_weight.shape[1:]:
+                raise ValueError(
+                    f"style shift needs embeddings of dim {self.embedding_weight.shape[1]}, got "
+                    f"{None if x is None else x.shape}"
+                )
+            shift = shift + x @ self.embedding_weight.T
+        return g * (1.0 + u * self.head_scale) * head + prior + u * shift

@@ -68,6 +68,12 @@ class Router:
             self.head_gate is None or self.prior is None or not self.prior_weight
         ):
             raise ValueError("a style shift needs a head gate and a description prior")
+        shift_weight = None if self.style_shift is None else self.style_shift.embedding_weight
+        if shift_weight is not None and shift_weight.shape[1] != self.encoder.dim:
+            raise ValueError(
+                f"style shift embedding term reads {shift_weight.shape[1]} columns, the encoder "
+                f"gives {self.encoder.dim}"
+            )
 
     # ----- scoring embeddings -------------------------------------------------------------------
     def _sentence(self, x: np.ndarray) -> np.ndarray:
@@ -82,7 +88,7 @@ class Router:
         if self.prior is not None and self.prior_weight:
             prior = self.prior_weight * self.prior.logits(xs)
         if self.style_shift is not None and gate is not None and prior is not None:
-            return self.style_shift.logits(gate, z, prior)
+            return self.style_shift.logits(gate, z, prior, x)
         if gate is not None:
             z = gate[:, None] * z
         return z if prior is None else z + prior

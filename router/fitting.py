@@ -30,8 +30,11 @@ class FitConfig:
     (``HeadGate``; None = the head always counts fully). ``style_shift_l2``: the L2 penalty of a
     ``StyleShift`` fitted when ``fit_router`` is given requests of another style;
     ``style_shift_recalibrate``: fit it first and the temperature and thresholds after it (else
-    they are fitted without it, and it at that temperature); ``style_shift_train_labels``: the
-    labels whose training texts the gate does not fully open for join its requests."""
+    they are fitted without it, and it at that temperature); ``style_shift_embedding_l2``: the L2
+    penalty of its linear term on the embedding (None: no such term);
+    ``style_shift_train_labels``: the labels whose training texts the gate does not fully open for
+    join its requests, each label's together weighing at most ``style_shift_train_weight``
+    requests (None: each text one)."""
 
     head: str = "logreg"
     c: float = 1.0
@@ -48,7 +51,9 @@ class FitConfig:
     head_gate: tuple[float, float] | None = None
     style_shift_l2: float = 0.01
     style_shift_recalibrate: bool = False
+    style_shift_embedding_l2: float | None = None
     style_shift_train_labels: tuple[str, ...] = ()
+    style_shift_train_weight: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,11 +114,16 @@ def fit_style_shift(
     y: np.ndarray,
     l2: float = 0.01,
     temperature: float = 1.0,
+    x: np.ndarray | None = None,
+    embedding_l2: float | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> StyleShift:
-    """The ``StyleShift`` minimising the mean cross-entropy of ``y`` ``(n,)`` label ids under
-    ``softmax(logits / temperature)``, plus ``l2`` x the squared norm of its parameters (zero: no
-    shift), from the router's gate weights ``(n,)``, head logits and weighted prior logits
-    ``(n, k)`` on those requests (L-BFGS)."""
+    """The ``StyleShift`` minimising the (``sample_weight``-weighted) mean cross-entropy of ``y``
+    ``(n,)`` label ids under ``softmax(logits / temperature)``, plus ``l2`` x the squared norm of
+    its prior mix, bias and head scale (zero: no shift), from the router's gate weights ``(n,)``,
+    head logits and weighted prior logits ``(n, k)`` on those requests (L-BFGS). With
+    ``embedding_l2``, a linear term on their embeddings ``x`` ``(n, dim)`` too, penalised by
+    ``embedding_l2`` x its squared norm."""
     from scipy.optimize import minimize
     from scipy.special import log_softmax, softmax
 
@@ -125,31 +135,59 @@ def fit_style_shift(
         )
     if l2 < 0:
         raise ValueError(f"style_shift_l2 must be >= 0, got {l2}")
+    if embedding_l2 is not None and embedding_l2 <= 0:
+        raise ValueError(
+            f"style_shift_embedding_l2 must be > 0 (None: no term), got {embedding_l2}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if embedding_l2 is not None and (x is None or len(x) != n):
+        raise ValueError(f"an embedding term needs embeddings for the {n} requests")
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if w.shape != (n,) or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"sample_weight needs {n} weights >= 0 with a positive sum")
     g = gate.astype(np.float64)[:, None]
     u = 1.0 - g
     # fitted on logits / temperature: the same shift, its bias scaled back, acts on the logits
     h, p = head.astype(np.float64) / temperature, prior.astype(np.float64) / temperature
+    e = None if embedding_l2 is None else np.asarray(x, dtype=np.float64)
+    dim = 0 if e is None else e.shape[1]
     onehot = np.eye(k)[y]
+    w, total = w[:, None], float(w.sum())
+    m = k * k + k + 1  # prior mix, bias and head scale; the embedding term after them
 
     def unpack(t: np.ndarray) -> StyleShift:
-        return StyleShift(t[: k * k].reshape(k, k), t[k * k : k * k + k], float(t[-1]))
+        return StyleShift(
+            t[: k * k].reshape(k, k),
+            t[k * k : k * k + k],
+            float(t[m - 1]),
+            t[m:].reshape(k, dim) if dim else None,
+        )
 
     def loss_and_grad(t: np.ndarray) -> tuple[float, np.ndarray]:
-        z = unpack(t).logits(g[:, 0], h, p)
-        loss = -(log_softmax(z, axis=1) * onehot).sum() / n + l2 * float(t @ t)
-        dz = (softmax(z, axis=1) - onehot) / n  # (n, k)
+        z = unpack(t).logits(g[:, 0], h, p, e)
+        a, b = t[:m], t[m:]
+        penalty = l2 * float(a @ a) + (embedding_l2 or 0.0) * float(b @ b)
+        loss = -(log_softmax(z, axis=1) * onehot * w).sum() / total + penalty
+        dz = (softmax(z, axis=1) - onehot) * w / total  # (n, k)
         du = u * dz
-        grad = np.concatenate([(du.T @ p).ravel(), du.sum(axis=0), [float((g * du * h).sum())]])
-        return loss, grad + 2.0 * l2 * t
+        grad = [(du.T @ p).ravel(), du.sum(axis=0), [float((g * du * h).sum())]]
+        if e is not None:
+            grad.append((du.T @ e).ravel())
+        return loss, np.concatenate(grad) + 2.0 * np.concatenate(
+            [l2 * a, (embedding_l2 or 0.0) * b]
+        )
 
-    t = minimize(loss_and_grad, np.zeros(k * k + k + 1), jac=True, method="L-BFGS-B").x
+    t = minimize(loss_and_grad, np.zeros(m + k * dim), jac=True, method="L-BFGS-B").x
     shift = unpack(t)
+    # the bias and the embedding term are scaled back to act on the logits
     return StyleShift(
         shift.prior_mix.astype(np.float32),
         (shift.bias * temperature).astype(np.float32),
         shift.head_scale,
+        None
+        if shift.embedding_weight is None
+        else (shift.embedding_weight * temperature).astype(np.float32),
     )
 
 
@@ -170,19 +208,39 @@ def off_style_rows(
 
 
 def _fit_style_shift(
-    router: Router, x: np.ndarray, xs: np.ndarray, y: np.ndarray, l2: float
+    router: Router,
+    x: np.ndarray,
+    xs: np.ndarray,
+    y: np.ndarray,
+    weight: np.ndarray,
+    cfg: FitConfig,
 ) -> None:
-    """Fit ``router.style_shift`` on requests ``x`` (``xs``: their similarity columns) / ``y`` at
-    the router's temperature."""
+    """Fit ``router.style_shift`` on requests ``x`` (``xs``: their similarity columns) / ``y``
+    (``weight`` each) at the router's temperature."""
     assert router.head_gate is not None and router.prior is not None  # fit_router checked
     router.style_shift = fit_style_shift(
         router.head_gate.weights(xs),
         router.head.logits(x),
         router.prior_weight * router.prior.logits(xs),
         y,
-        l2,
+        cfg.style_shift_l2,
         router.temperature,
+        x=x,
+        embedding_l2=cfg.style_shift_embedding_l2,
+        sample_weight=weight,
     )
+
+
+def style_shift_train_weights(y: np.ndarray, n_labels: int, cap: float | None) -> np.ndarray:
+    """``(n,)`` weights of off-style training texts with label ids ``y``: 1 each, or where a
+    label has more than ``cap`` of them, ``cap`` / their number (each label weighs at most
+    ``cap`` requests)."""
+    if cap is None:
+        return np.ones(len(y))
+    if cap <= 0:
+        raise ValueError(f"style_shift_train_weight must be > 0, got {cap}")
+    counts = np.bincount(y, minlength=n_labels).astype(np.float64)
+    return np.minimum(1.0, cap / np.maximum(counts, 1.0))[y]
 
 
 def fit_router(
@@ -253,7 +311,14 @@ def fit_router(
             raise ValueError("a style shift needs the head gate and the description prior")
         off = off_style_rows(gate, x_train[:, :sim], y_train, labels, cfg.style_shift_train_labels)
         x_all = np.concatenate([x_style, x_train[off]])
-        style = (x_all, x_all[:, :sim], np.concatenate([y_style, y_train[off]]), cfg.style_shift_l2)
+        weight = np.concatenate(
+            [
+                np.ones(len(y_style)),
+                style_shift_train_weights(y_train[off], len(labels), cfg.style_shift_train_weight),
+            ]
+        )
+        y_all = np.concatenate([y_style, y_train[off]])
+        style = (x_all, x_all[:, :sim], y_all, weight, cfg)
     if style is not None and cfg.style_shift_recalibrate:
         _fit_style_shift(router, *style)
     if cfg.calibrate:

@@ -135,6 +135,8 @@ def save_router(
     if router.style_shift is not None:
         tensors["style_shift.prior_mix"] = router.style_shift.prior_mix
         tensors["style_shift.bias"] = router.style_shift.bias
+        if router.style_shift.embedding_weight is not None:
+            tensors["style_shift.embedding_weight"] = router.style_shift.embedding_weight
     tensors["probe.embeddings"] = router.encoder.encode(list(PROBE_TEXTS))
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     config: dict[str, Any] = {
@@ -271,6 +273,7 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
                 tensors["style_shift.prior_mix"],
                 tensors["style_shift.bias"],
                 float(config["style_shift"]["head_scale"]),
+                tensors.get("style_shift.embedding_weight"),
             )
         thresholds = Thresholds(**config["thresholds"])
         policy = InputPolicy(**config["policy"])

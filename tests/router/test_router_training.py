@@ -179,7 +179,7 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
         "probe",
         *(
             f"{check}_{half}"
-            for check in ("exam", *(f"exam{k}" for k in range(2, 10)))
+            for check in ("exam", *(f"exam{k}" for k in range(2, 11)))
             for half in ("dev", "sealed")
         ),
     }
@@ -243,9 +243,13 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
     assert shift["checks"] == ["exam2", "exam3"] and shift["n_questions"] == 960
     assert shift["train_labels"] == ["law", "code", "medical", "base"]
     assert shift["n_training_texts"] > 0
+    assert (shift["embedding_l2"], shift["train_weight"]) == (3e-5, 250.0)
     router = Router.load(tmp_path / "run" / "router")
     assert router.style_shift is not None
     assert router.style_shift.bias.tolist() == pytest.approx(shift["bias"])
+    # the linear term reads the head's whole embedding
+    weight = router.style_shift.embedding_weight
+    assert weight is not None and weight.shape == (4, router.encoder.dim)
     # the shift moves the exam questions' logits; a run without it saves no shift
     x = router.encoder.encode([i.text for i in exam_items(check="exam2")[:20]])
     _write_data(tmp_path / "plain" / "data")
@@ -255,8 +259,8 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
     assert plain.style_shift is None
     assert not np.allclose(router.logits(x), plain.logits(x))
     _write_data(tmp_path / "bad" / "data")
-    with pytest.raises(ValueError, match="unknown exam check 'exam10'"):
-        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam10]"))
+    with pytest.raises(ValueError, match="unknown exam check 'exam11'"):
+        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam11]"))
     # without the head gate there is nothing for it to act on: refused with the override to add
     with pytest.raises(ValueError, match=r"needs the head gate .* router.style_shift.checks=\[\]"):
         train_router(_config(tmp_path / "bad", *no_checks, "router.head_gate=null"))

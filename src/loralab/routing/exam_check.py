@@ -21,13 +21,14 @@ more new writers; questions close to an earlier check's rewritten before it was 
 read once to measure the default, no design having led it by the bar set beforehand. ``exam7`` and
 ``exam8`` (480 items each, the same composition and rule, four and five more new writers)
 confirmed the style shift (``router.style_shift``): ``exam7`` its first design, ``exam8`` the
-second, ``exam9`` (the same, five more new writers) the current one, which is fitted on ``exam2``
-to ``exam7``.
+second, ``exam9`` (the same, five more new writers) the third, and ``exam10`` (the same, five more
+new writers) the current one, with a linear term on the embedding, fitted on ``exam2`` to
+``exam9``.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
 The head is never trained on them; the checks ``router.style_shift.checks`` names fit the style
-shift's few parameters, and their figures are then no longer those of unseen questions. Each label
+shift, and their figures are then no longer those of unseen questions. Each label
 is split in two by a hash of the item id: the ``dev`` half may be looked at while choosing the
 design, the ``sealed`` half is evaluated once, at the end. A SHA-256 pins each file: an edited file
 is refused, so later tuning cannot quietly change a check.
@@ -83,6 +84,10 @@ EXAM_CHECKS = {
     "exam9": (
         "exam_check_9.jsonl",
         "dac642935a938633fcc24822d4c76a6004d322a729b5f0c2f89ae9b0c9f69d62",
+    ),
+    "exam10": (
+        "exam_check_10.jsonl",
+        "8853233f8076e94db5152fa49b82761a366a1308cffb65e70e222365df1941f4",
     ),
 }
 

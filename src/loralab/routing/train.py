@@ -69,9 +69,15 @@ def fit_config(rcfg: DictConfig) -> FitConfig:
         else (float(rcfg.head_gate.low_quantile), float(rcfg.head_gate.high_quantile)),
         style_shift_l2=float(shift.get("l2", 0.01)),
         style_shift_recalibrate=bool(shift.get("recalibrate", False)),
+        style_shift_embedding_l2=_optional_float(shift.get("embedding_l2")),
         style_shift_train_labels=tuple(str(x) for x in (shift.get("train_labels") or [])),
+        style_shift_train_weight=_optional_float(shift.get("train_weight")),
         seed=int(rcfg.get("seed", 0)),
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def style_shift_checks(rcfg: DictConfig) -> list[str]:
@@ -345,6 +351,8 @@ def _style_shift_summary(
         "n_questions": n_questions,
         "train_labels": list(fcfg.style_shift_train_labels),
         "n_training_texts": int(off.sum()),
+        "train_weight": fcfg.style_shift_train_weight,
+        "embedding_l2": fcfg.style_shift_embedding_l2,
         "head_scale": shift.head_scale,
         "bias": shift.bias.tolist(),
         "prior_mix": shift.prior_mix.tolist(),
