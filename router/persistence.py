@@ -304,21 +304,26 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
             f"{folder}: the router reads the first {sim} columns as the sentence embedding, the "
             f"encoder gives {similarity_dim(encoder)}"
         )
-    return Router(
-        encoder=encoder,
-        labels=labels,
-        head=head,
-        temperature=float(config["temperature"]),
-        thresholds=thresholds,
-        policy=policy,
-        prior=prior,
-        prior_weight=float(config["prior"]["weight"]) if config.get("prior") else 0.0,
-        prototypes=prototypes,
-        head_gate=head_gate,
-        style_shift=style_shift,
-        similarity_dim=sim,
-        descriptions=config.get("descriptions", {}),
-        base_label=config["base_label"],
-        model_version=config["model_version"],
-        batch_size=int(config.get("batch_size", 32)),
-    )
+    try:
+        return Router(
+            encoder=encoder,
+            labels=labels,
+            head=head,
+            temperature=float(config["temperature"]),
+            thresholds=thresholds,
+            policy=policy,
+            prior=prior,
+            prior_weight=float(config["prior"]["weight"]) if config.get("prior") else 0.0,
+            prototypes=prototypes,
+            head_gate=head_gate,
+            style_shift=style_shift,
+            similarity_dim=sim,
+            descriptions=config.get("descriptions", {}),
+            base_label=config["base_label"],
+            model_version=config["model_version"],
+            batch_size=int(config.get("batch_size", 32)),
+        )
+    except (KeyError, TypeError, ValueError) as e:  # parts that disagree: a faulty writer
+        raise RouterFileError(
+            f"{folder}: inconsistent router files ({type(e).__name__}: {e})"
+        ) from None

@@ -117,3 +117,11 @@ class _ShiftedEncoder(HashingEncoder):
 def test_same_fingerprint_but_different_embeddings_is_refused(saved: Path) -> None:
     with pytest.raises(EncoderMismatchError, match="probe embeddings differ"):
         Router.load(saved, encoder=_ShiftedEncoder())
+
+
+def test_config_whose_parts_disagree_is_a_router_file_error(saved: Path) -> None:
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["base_label"] = "finance"
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(RouterFileError, match=r"inconsistent router files.*'finance'"):
+        Router.load(saved)

@@ -112,6 +112,7 @@ def test_question_of_prefers_the_asking_paragraph_and_drops_field_names() -> Non
         ("exam8", dict.fromkeys(LABELS, 120)),
         ("exam9", dict.fromkeys(LABELS, 120)),
         ("exam10", dict.fromkeys(LABELS, 120)),
+        ("exam11", dict.fromkeys(LABELS, 120)),
     ],
 )
 def test_exam_checks_are_frozen_and_split_in_stable_halves(
@@ -136,5 +137,5 @@ def test_exam_checks_are_frozen_and_split_in_stable_halves(
         exam_items(check=check, path=edited)
     with pytest.raises(ValueError, match="half"):
         exam_items("train", check)
-    with pytest.raises(ValueError, match="unknown exam check 'exam11'"):
-        exam_items(check="exam11")
+    with pytest.raises(ValueError, match="unknown exam check 'exam12'"):
+        exam_items(check="exam12")

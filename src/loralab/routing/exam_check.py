@@ -23,7 +23,8 @@ read once to measure the default, no design having led it by the bar set beforeh
 confirmed the style shift (``router.style_shift``): ``exam7`` its first design, ``exam8`` the
 second, ``exam9`` (the same, five more new writers) the third, and ``exam10`` (the same, five more
 new writers) the current one, with a linear term on the embedding, fitted on ``exam2`` to
-``exam9``.
+``exam9``. ``exam11`` (the same, five more new writers) was then read once to measure that default
+and to test one change set beforehand (``exam10`` joining the fit), which did not lead it by the bar.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -88,6 +89,10 @@ EXAM_CHECKS = {
     "exam10": (
         "exam_check_10.jsonl",
         "8853233f8076e94db5152fa49b82761a366a1308cffb65e70e222365df1941f4",
+    ),
+    "exam11": (
+        "exam_check_11.jsonl",
+        "9992138b34e023c14b90213e002cc7fcd4e7e215b575a699e5e19954155ab10b",
     ),
 }
 
