@@ -202,6 +202,71 @@ class HeadGate:
 
 
 @dataclass(frozen=True)
+class NeighbourVotes:
+    """Label votes of a request's ``k`` most similar labelled examples.
+
+    ``embeddings`` ``(m, dim)`` are unit rows (similarity columns) with label ids ``label_index``
+    ``(m,)``; the ``k`` nearest by cosine vote with weights ``softmax(cosine / temperature)``, so a
+    request's votes ``(n_labels,)`` sum to 1.
+    """
+
+    embeddings: np.ndarray  # (m, dim) unit rows
+    label_index: np.ndarray  # (m,) label ids
+    n_labels: int
+    k: int
+    temperature: float
+
+    def __post_init__(self) -> None:
+        m = len(self.embeddings)
+        if self.embeddings.ndim != 2 or self.label_index.shape != (m,):
+            raise ValueError(
+                f"neighbour votes need embeddings (m, dim) and label ids (m,), got "
+                f"{self.embeddings.shape} and {self.label_index.shape}"
+            )
+        if not 1 <= self.k <= m:
+            raise ValueError(f"neighbour votes need 1 <= k <= {m} examples, got k={self.k}")
+        if not self.temperature > 0:
+            raise ValueError(f"neighbour votes need temperature > 0, got {self.temperature}")
+        if (
+            m
+            and not 0 <= int(self.label_index.min()) <= int(self.label_index.max()) < self.n_labels
+        ):
+            raise ValueError(f"neighbour label ids must lie in [0, {self.n_labels})")
+
+    def votes(
+        self,
+        x: np.ndarray,
+        groups: np.ndarray | None = None,
+        example_groups: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``(n, dim)`` unit embeddings -> ``(n, n_labels)`` votes. With ``groups`` ``(n,)`` and
+        ``example_groups`` ``(m,)``, a request's own group's examples do not vote (fitting on the
+        examples themselves, as if each group were new)."""
+        k = self.k
+        if groups is not None and example_groups is not None:
+            groups, example_groups = np.asarray(groups), np.asarray(example_groups)
+            names, counts = np.unique(example_groups, return_counts=True)
+            own = dict(zip(names.tolist(), counts.tolist(), strict=True))
+            k = min(k, len(example_groups) - max(own.get(g, 0) for g in groups.tolist()))
+            if k < 1:
+                raise ValueError("a request's group holds every example: none left to vote")
+        out = np.zeros((len(x), self.n_labels), dtype=np.float32)
+        for i in range(0, len(x), 1024):  # rows in chunks: (chunk, m) similarities at a time
+            sim = (x[i : i + 1024] @ self.embeddings.T).astype(np.float64)
+            if groups is not None and example_groups is not None:
+                sim[groups[i : i + 1024, None] == example_groups[None, :]] = -np.inf
+            idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (chunk, k) the k most similar
+            top = np.take_along_axis(sim, idx, axis=1)
+            w = np.exp((top - top.max(axis=1, keepdims=True)) / self.temperature)
+            w /= w.sum(axis=1, keepdims=True)
+            rows = np.repeat(np.arange(len(idx)), k)
+            chunk = np.zeros((len(idx), self.n_labels))
+            np.add.at(chunk, (rows, self.label_index[idx].ravel()), w.ravel())
+            out[i : i + 1024] = chunk
+        return out
+
+
+@dataclass(frozen=True)
 class StyleShift:
     """A correction of how the head and the prior combine on requests unlike the training data.
 
@@ -210,16 +275,20 @@ class StyleShift:
     acts where the gate is not fully open. With ``g`` the gate weight, ``u = 1 - g`` and ``x`` the
     request's embedding (the head's columns)::
 
-        logits = g (1 + u head_scale) head + prior + u (prior @ prior_mix.T + bias + x @ W.T)
+        logits = g (1 + u head_scale) head + prior
+                 + u (prior @ prior_mix.T + bias + x @ W.T + votes @ V.T)
 
-    (``W`` = ``embedding_weight``; without it that term is 0), so a request the gate reads as the
-    training data's own (``g = 1``) gets exactly the router's logits without it.
+    (``W`` = ``embedding_weight``, ``V`` = ``vote_weight`` on the ``neighbours``' votes; without
+    them those terms are 0), so a request the gate reads as the training data's own (``g = 1``)
+    gets exactly the router's logits without it.
     """
 
     prior_mix: np.ndarray  # (n_labels, n_labels) added to the identity on the prior's logits
     bias: np.ndarray  # (n_labels,)
     head_scale: float
     embedding_weight: np.ndarray | None = None  # (n_labels, dim): a linear term on the embedding
+    vote_weight: np.ndarray | None = None  # (n_labels, n_labels): a linear term on the votes
+    neighbours: NeighbourVotes | None = None  # whose votes (with vote_weight)
 
     def __post_init__(self) -> None:
         k = len(self.bias)
@@ -231,6 +300,14 @@ class StyleShift:
         w = self.embedding_weight
         if w is not None and (w.ndim != 2 or w.shape[0] != k):
             raise ValueError(f"style shift embedding_weight needs shape ({k}, dim), got {w.shape}")
+        if (self.vote_weight is None) != (self.neighbours is None):
+            raise ValueError("style shift needs vote_weight and neighbours together")
+        v, nb = self.vote_weight, self.neighbours
+        if v is not None and nb is not None and (v.shape != (k, k) or nb.n_labels != k):
+            raise ValueError(
+                f"style shift vote_weight needs shape ({k}, {k}) and neighbours of {k} labels, "
+                f"got {v.shape} and {nb.n_labels}"
+            )
 
     def logits(
         self,
@@ -238,9 +315,11 @@ class StyleShift:
         head: np.ndarray,
         prior: np.ndarray,
         x: np.ndarray | None = None,
+        votes: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Gate weights ``(n,)``, head logits and (weighted) prior logits ``(n, k)``, and with an
-        embedding term the embeddings ``x`` ``(n, dim)`` -> ``(n, k)``."""
+        """Gate weights ``(n,)``, head logits and (weighted) prior logits ``(n, k)``, with an
+        embedding term the embeddings ``x`` ``(n, dim)``, with a vote term the ``neighbours``'
+        votes ``(n, k)`` -> ``(n, k)``."""
         g = gate[:, None]
         u = 1.0 - g
         shift = prior @ self.prior_mix.T + self.bias
@@ -251,4 +330,10 @@ class StyleShift:
                     f"{None if x is None else x.shape}"
                 )
             shift = shift + x @ self.embedding_weight.T
+        if self.vote_weight is not None:
+            if votes is None or votes.shape != head.shape:
+                raise ValueError(
+                    f"style shift needs votes {head.shape}, got {None if votes is None else votes.shape}"
+                )
+            shift = shift + votes @ self.vote_weight.T
         return g * (1.0 + u * self.head_scale) * head + prior + u * shift

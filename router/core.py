@@ -74,6 +74,13 @@ class Router:
                 f"style shift embedding term reads {shift_weight.shape[1]} columns, the encoder "
                 f"gives {self.encoder.dim}"
             )
+        neighbours = None if self.style_shift is None else self.style_shift.neighbours
+        sim = self.similarity_dim or self.encoder.dim
+        if neighbours is not None and neighbours.embeddings.shape[1] != sim:
+            raise ValueError(
+                f"style shift neighbours have {neighbours.embeddings.shape[1]} columns, the "
+                f"router's similarity columns {sim}"
+            )
 
     # ----- scoring embeddings -------------------------------------------------------------------
     def _sentence(self, x: np.ndarray) -> np.ndarray:
@@ -88,7 +95,13 @@ class Router:
         if self.prior is not None and self.prior_weight:
             prior = self.prior_weight * self.prior.logits(xs)
         if self.style_shift is not None and gate is not None and prior is not None:
-            return self.style_shift.logits(gate, z, prior, x)
+            votes, nb = None, self.style_shift.neighbours
+            if nb is not None:  # only where the gate is not fully open does the shift act
+                votes = np.zeros(z.shape, dtype=np.float32)
+                off = gate < 1.0
+                if off.any():
+                    votes[off] = nb.votes(xs[off])
+            return self.style_shift.logits(gate, z, prior, x, votes)
         if gate is not None:
             z = gate[:, None] * z
         return z if prior is None else z + prior

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from router.calibration import fit_temperature, fit_thresholds
-from router.classifier import DescriptionPrior, HeadGate, StyleShift, best_cosine, fit_head
+from router.classifier import (
+    DescriptionPrior,
+    HeadGate,
+    NeighbourVotes,
+    StyleShift,
+    best_cosine,
+    fit_head,
+)
 from router.core import Router
 from router.encoders import Encoder, similarity_dim
 from router.inputs import InputPolicy
@@ -34,7 +41,9 @@ class FitConfig:
     penalty of its linear term on the embedding (None: no such term);
     ``style_shift_train_labels``: the labels whose training texts the gate does not fully open for
     join its requests, each label's together weighing at most ``style_shift_train_weight``
-    requests (None: each text one)."""
+    requests (None: each text one); ``style_shift_neighbours``: with the embedding term, a linear
+    term on the votes of a request's that many most similar exam-style requests
+    (``NeighbourVotes``, ``style_shift_neighbour_temperature``; None: no such term)."""
 
     head: str = "logreg"
     c: float = 1.0
@@ -54,9 +63,22 @@ class FitConfig:
     style_shift_embedding_l2: float | None = None
     style_shift_train_labels: tuple[str, ...] = ()
     style_shift_train_weight: float | None = None
+    style_shift_neighbours: int | None = None
+    style_shift_neighbour_temperature: float = 0.05
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.style_shift_neighbours is not None and (
+            self.style_shift_neighbours < 1
+            or self.style_shift_embedding_l2 is None
+            or not self.style_shift_neighbour_temperature > 0
+        ):
+            raise ValueError(
+                "style_shift_neighbours needs k >= 1, style_shift_embedding_l2 (its L2 penalty) "
+                "and style_shift_neighbour_temperature > 0, got "
+                f"{self.style_shift_neighbours}, {self.style_shift_embedding_l2}, "
+                f"{self.style_shift_neighbour_temperature}"
+            )
         if self.head_gate is not None:
             low, high = self.head_gate
             if not 0.0 <= low < high <= 1.0:
@@ -117,13 +139,16 @@ def fit_style_shift(
     x: np.ndarray | None = None,
     embedding_l2: float | None = None,
     sample_weight: np.ndarray | None = None,
+    neighbours: NeighbourVotes | None = None,
+    votes: np.ndarray | None = None,
 ) -> StyleShift:
     """The ``StyleShift`` minimising the (``sample_weight``-weighted) mean cross-entropy of ``y``
     ``(n,)`` label ids under ``softmax(logits / temperature)``, plus ``l2`` x the squared norm of
     its prior mix, bias and head scale (zero: no shift), from the router's gate weights ``(n,)``,
     head logits and weighted prior logits ``(n, k)`` on those requests (L-BFGS). With
     ``embedding_l2``, a linear term on their embeddings ``x`` ``(n, dim)`` too, penalised by
-    ``embedding_l2`` x its squared norm."""
+    ``embedding_l2`` x its squared norm; with ``neighbours``, a linear term on their ``votes``
+    ``(n, k)`` for those requests as well, penalised alike."""
     from scipy.optimize import minimize
     from scipy.special import log_softmax, softmax
 
@@ -143,6 +168,8 @@ def fit_style_shift(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if embedding_l2 is not None and (x is None or len(x) != n):
         raise ValueError(f"an embedding term needs embeddings for the {n} requests")
+    if neighbours is not None and (embedding_l2 is None or votes is None or votes.shape != (n, k)):
+        raise ValueError(f"a vote term needs the embedding term and votes ({n}, {k})")
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     if w.shape != (n,) or (w < 0).any() or not w.sum() > 0:
         raise ValueError(f"sample_weight needs {n} weights >= 0 with a positive sum")
@@ -151,6 +178,8 @@ def fit_style_shift(
     # fitted on logits / temperature: the same shift, its bias scaled back, acts on the logits
     h, p = head.astype(np.float64) / temperature, prior.astype(np.float64) / temperature
     e = None if embedding_l2 is None else np.asarray(x, dtype=np.float64)
+    if e is not None and neighbours is not None:  # the votes join the embedding's columns
+        e = np.hstack([e, np.asarray(votes, dtype=np.float64)])
     dim = 0 if e is None else e.shape[1]
     onehot = np.eye(k)[y]
     w, total = w[:, None], float(w.sum())
@@ -180,14 +209,20 @@ def fit_style_shift(
 
     t = minimize(loss_and_grad, np.zeros(m + k * dim), jac=True, method="L-BFGS-B").x
     shift = unpack(t)
-    # the bias and the embedding term are scaled back to act on the logits
+    # the bias and the linear terms are scaled back to act on the logits
+    linear = None
+    if shift.embedding_weight is not None:
+        linear = (shift.embedding_weight * temperature).astype(np.float32)
+    vote_weight = None
+    if linear is not None and neighbours is not None:
+        linear, vote_weight = linear[:, :-k], linear[:, -k:]
     return StyleShift(
         shift.prior_mix.astype(np.float32),
         (shift.bias * temperature).astype(np.float32),
         shift.head_scale,
-        None
-        if shift.embedding_weight is None
-        else (shift.embedding_weight * temperature).astype(np.float32),
+        linear,
+        vote_weight,
+        neighbours if vote_weight is not None else None,
     )
 
 
@@ -213,11 +248,25 @@ def _fit_style_shift(
     xs: np.ndarray,
     y: np.ndarray,
     weight: np.ndarray,
+    groups: np.ndarray,
+    n_examples: int,
     cfg: FitConfig,
 ) -> None:
     """Fit ``router.style_shift`` on requests ``x`` (``xs``: their similarity columns) / ``y``
-    (``weight`` each) at the router's temperature."""
+    (``weight`` each) at the router's temperature. With ``cfg.style_shift_neighbours``, the first
+    ``n_examples`` (the exam-style ones) are the neighbours that vote, never for a request of their
+    own group (``groups``: one per request)."""
     assert router.head_gate is not None and router.prior is not None  # fit_router checked
+    neighbours, votes = None, None
+    if cfg.style_shift_neighbours is not None:
+        neighbours = NeighbourVotes(
+            xs[:n_examples].astype(np.float32),
+            y[:n_examples].astype(np.int64),
+            len(router.labels),
+            cfg.style_shift_neighbours,
+            cfg.style_shift_neighbour_temperature,
+        )
+        votes = neighbours.votes(xs, groups, groups[:n_examples])
     router.style_shift = fit_style_shift(
         router.head_gate.weights(xs),
         router.head.logits(x),
@@ -228,6 +277,8 @@ def _fit_style_shift(
         x=x,
         embedding_l2=cfg.style_shift_embedding_l2,
         sample_weight=weight,
+        neighbours=neighbours,
+        votes=votes,
     )
 
 
@@ -258,12 +309,15 @@ def fit_router(
     base_label: str = "base",
     x_style: np.ndarray | None = None,
     y_style: np.ndarray | None = None,
+    style_groups: Sequence[str] | None = None,
 ) -> Router:
     """A calibrated router: head on ``x_train`` ``(n, dim)`` / ``y_train`` ``(n,)`` label ids,
     temperature and thresholds on ``x_val`` / ``y_val``, and a ``StyleShift`` on ``x_style`` /
     ``y_style`` when given, with the training texts of ``config.style_shift_train_labels`` that the
     gate does not fully open for (it needs the head gate and the prior; before the temperature and
-    thresholds with ``config.style_shift_recalibrate``, else after them, at that temperature)."""
+    thresholds with ``config.style_shift_recalibrate``, else after them, at that temperature).
+    ``style_groups``: the group (e.g. the check) of each ``x_style`` row, whose rows never vote for
+    each other in the shift's neighbour term (None: each row its own group)."""
     cfg = config or FitConfig()
     labels = tuple(labels)
     head = fit_head(
@@ -318,7 +372,13 @@ def fit_router(
             ]
         )
         y_all = np.concatenate([y_style, y_train[off]])
-        style = (x_all, x_all[:, :sim], y_all, weight, cfg)
+        n = len(y_style)
+        if style_groups is not None and len(style_groups) != n:
+            raise ValueError(f"style_groups has {len(style_groups)} entries for {n} requests")
+        groups = np.array(
+            [*map(str, style_groups if style_groups is not None else range(n)), *[""] * off.sum()]
+        )
+        style = (x_all, x_all[:, :sim], y_all, weight, groups, n, cfg)
     if style is not None and cfg.style_shift_recalibrate:
         _fit_style_shift(router, *style)
     if cfg.calibrate:

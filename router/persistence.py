@@ -3,7 +3,8 @@
 The JSON holds the format version, labels, encoder spec and fingerprint, temperature, thresholds,
 input policy, descriptions and the SHA-256 of the tensor file; the tensors hold the head, the
 description embeddings, the OOD prototypes, the head gate's prototypes and the style shift (if
-any) and the embeddings of a few probe texts. A router whose encoder was tuned for it carries the
+any; with a neighbour term, the embeddings and labels of the requests that vote) and the embeddings
+of a few probe texts. A router whose encoder was tuned for it carries the
 encoder in ``encoder/`` (a sentence-transformers folder, safetensors), so the folder moves as one.
 Loading re-encodes the probe texts and refuses an encoder whose fingerprint (weights SHA-256
 included) or embeddings differ.
@@ -24,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from router.calibration import Thresholds
-from router.classifier import DescriptionPrior, HeadGate, StyleShift, head_from_tensors
+from router.classifier import (
+    DescriptionPrior,
+    HeadGate,
+    NeighbourVotes,
+    StyleShift,
+    head_from_tensors,
+)
 from router.encoders import (
     Encoder,
     EncoderSpec,
@@ -137,6 +144,11 @@ def save_router(
         tensors["style_shift.bias"] = router.style_shift.bias
         if router.style_shift.embedding_weight is not None:
             tensors["style_shift.embedding_weight"] = router.style_shift.embedding_weight
+        nb = router.style_shift.neighbours
+        if router.style_shift.vote_weight is not None and nb is not None:
+            tensors["style_shift.vote_weight"] = router.style_shift.vote_weight
+            tensors["style_shift.neighbours.embeddings"] = nb.embeddings
+            tensors["style_shift.neighbours.label_index"] = nb.label_index.astype(np.int64)
     tensors["probe.embeddings"] = router.encoder.encode(list(PROBE_TEXTS))
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     config: dict[str, Any] = {
@@ -161,6 +173,9 @@ def save_router(
         config["head_gate"] = {"low": router.head_gate.low, "high": router.head_gate.high}
     if router.style_shift is not None:  # likewise
         config["style_shift"] = {"head_scale": router.style_shift.head_scale}
+        if router.style_shift.neighbours is not None:  # likewise
+            nb = router.style_shift.neighbours
+            config["style_shift"]["neighbours"] = {"k": nb.k, "temperature": nb.temperature}
     if router.similarity_dim is not None:  # likewise: only with a concatenated encoder
         config["similarity_dim"] = router.similarity_dim
     with _atomic_directory(Path(path)) as tmp:
@@ -269,11 +284,22 @@ def load_router(path: str | Path, encoder: Encoder | None = None) -> Router:
             )
         style_shift = None
         if config.get("style_shift"):
+            neighbours = None
+            if config["style_shift"].get("neighbours"):
+                neighbours = NeighbourVotes(
+                    tensors["style_shift.neighbours.embeddings"],
+                    tensors["style_shift.neighbours.label_index"],
+                    len(labels),
+                    int(config["style_shift"]["neighbours"]["k"]),
+                    float(config["style_shift"]["neighbours"]["temperature"]),
+                )
             style_shift = StyleShift(
                 tensors["style_shift.prior_mix"],
                 tensors["style_shift.bias"],
                 float(config["style_shift"]["head_scale"]),
                 tensors.get("style_shift.embedding_weight"),
+                tensors.get("style_shift.vote_weight"),
+                neighbours,
             )
         thresholds = Thresholds(**config["thresholds"])
         policy = InputPolicy(**config["policy"])

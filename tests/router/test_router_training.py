@@ -179,7 +179,7 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
         "probe",
         *(
             f"{check}_{half}"
-            for check in ("exam", *(f"exam{k}" for k in range(2, 12)))
+            for check in ("exam", *(f"exam{k}" for k in range(2, 13)))
             for half in ("dev", "sealed")
         ),
     }
@@ -237,6 +237,7 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
         *no_checks,
         "router.style_shift.checks=[exam2,exam3]",
         "router.style_shift.train_labels=[law,code,medical,base]",
+        "router.style_shift.neighbours=5",
     )
     metrics = train_router(cfg)["metrics"]
     shift = metrics["router"]["style_shift"]
@@ -250,6 +251,15 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
     # the linear term reads the head's whole embedding
     weight = router.style_shift.embedding_weight
     assert weight is not None and weight.shape == (4, router.encoder.dim)
+    # the neighbours that vote are the named checks' questions, with their labels
+    assert shift["neighbours"] == {"k": 5, "temperature": 0.05}
+    nb = router.style_shift.neighbours
+    assert nb is not None and nb.embeddings.shape == (960, router.encoder.dim)
+    gold = [
+        i.label for c in ("exam2", "exam3") for h in ("dev", "sealed") for i in exam_items(h, c)
+    ]
+    assert sorted(router.labels[j] for j in nb.label_index) == sorted(gold)
+    assert np.asarray(shift["vote_weight"]).shape == (4, 4)
     # the shift moves the exam questions' logits; a run without it saves no shift
     x = router.encoder.encode([i.text for i in exam_items(check="exam2")[:20]])
     _write_data(tmp_path / "plain" / "data")
@@ -259,8 +269,8 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
     assert plain.style_shift is None
     assert not np.allclose(router.logits(x), plain.logits(x))
     _write_data(tmp_path / "bad" / "data")
-    with pytest.raises(ValueError, match="unknown exam check 'exam12'"):
-        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam12]"))
+    with pytest.raises(ValueError, match="unknown exam check 'exam13'"):
+        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam13]"))
     # without the head gate there is nothing for it to act on: refused with the override to add
     with pytest.raises(ValueError, match=r"needs the head gate .* router.style_shift.checks=\[\]"):
         train_router(_config(tmp_path / "bad", *no_checks, "router.head_gate=null"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +112,12 @@ def fit_toy_router(
     encoder: Encoder,
     x_style: np.ndarray | None = None,
     y_style: np.ndarray | None = None,
+    style_groups: Sequence[str] | None = None,
     **config: Any,
 ) -> Router:
     """A router fitted on the toy corpus (60 texts per label, 20 for validation): routes
     ``QUESTIONS[label]`` to ``label``. ``config``: ``FitConfig`` fields over the tests' defaults;
-    ``x_style`` / ``y_style``: requests of another style for a style shift."""
+    ``x_style`` / ``y_style`` (``style_groups``): requests of another style for a style shift."""
     x_train, y_train = toy_split(encoder, 60, seed=0)
     x_val, y_val = toy_split(encoder, 20, seed=1)
     fit = {"c": 10.0, "prior_weight": 0.5, "prototypes_per_label": 8, **config}
@@ -131,6 +133,7 @@ def fit_toy_router(
         config=FitConfig(**fit),
         x_style=x_style,
         y_style=y_style,
+        style_groups=style_groups,
     )
 
 

@@ -24,7 +24,9 @@ confirmed the style shift (``router.style_shift``): ``exam7`` its first design, 
 second, ``exam9`` (the same, five more new writers) the third, and ``exam10`` (the same, five more
 new writers) the current one, with a linear term on the embedding, fitted on ``exam2`` to
 ``exam9``. ``exam11`` (the same, five more new writers) was then read once to measure that default
-and to test one change set beforehand (``exam10`` joining the fit), which did not lead it by the bar.
+and to test one change set beforehand (``exam10`` joining the fit), which did not lead it by the bar;
+``exam12`` (the same, five more new writers) to test a neighbour term in the shift, chosen by
+leave-one-check-out over ``exam2`` to ``exam11``, which did not lead it either.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -93,6 +95,10 @@ EXAM_CHECKS = {
     "exam11": (
         "exam_check_11.jsonl",
         "9992138b34e023c14b90213e002cc7fcd4e7e215b575a699e5e19954155ab10b",
+    ),
+    "exam12": (
+        "exam_check_12.jsonl",
+        "0e9d9a11fb09d6f8f3385f1502dcb4414eecf2daf35d7dc8a69d0e35090b642e",
     ),
 }
 

@@ -72,12 +72,18 @@ def fit_config(rcfg: DictConfig) -> FitConfig:
         style_shift_embedding_l2=_optional_float(shift.get("embedding_l2")),
         style_shift_train_labels=tuple(str(x) for x in (shift.get("train_labels") or [])),
         style_shift_train_weight=_optional_float(shift.get("train_weight")),
+        style_shift_neighbours=_optional_int(shift.get("neighbours")),
+        style_shift_neighbour_temperature=float(shift.get("neighbour_temperature", 0.05)),
         seed=int(rcfg.get("seed", 0)),
     )
 
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def style_shift_checks(rcfg: DictConfig) -> list[str]:
@@ -205,6 +211,9 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     ]
     x_style = np.concatenate([x for x, _, _ in style]) if style else None
     y_style = np.concatenate([y for _, y, _ in style]) if style else None
+    # each question's check: a check's questions never vote for each other in the shift's fit
+    checks_halves = [(check, half) for check in style_checks for half in HALVES]
+    style_groups = [c for (c, _), (_, y, _) in zip(checks_halves, style, strict=True) for _ in y]
     embedded = {}
     for name, examples in sets.items():
         x, y, rows = embed_examples(encoder, examples, labels, cache, batch, encoded)
@@ -229,6 +238,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         config=fcfg,
         x_style=x_style,
         y_style=y_style,
+        style_groups=style_groups,
     )
     # Baseline: the same logistic regression on instructions only, no prior, no abstention.
     only = np.array([e.view == "instruction" for e in train])
@@ -353,6 +363,10 @@ def _style_shift_summary(
         "n_training_texts": int(off.sum()),
         "train_weight": fcfg.style_shift_train_weight,
         "embedding_l2": fcfg.style_shift_embedding_l2,
+        "neighbours": None
+        if shift.neighbours is None
+        else {"k": shift.neighbours.k, "temperature": shift.neighbours.temperature},
+        "vote_weight": None if shift.vote_weight is None else shift.vote_weight.tolist(),
         "head_scale": shift.head_scale,
         "bias": shift.bias.tolist(),
         "prior_mix": shift.prior_mix.tolist(),
