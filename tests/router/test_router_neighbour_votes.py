@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.special import log_softmax
-from tests_router_helpers import LABELS, QUESTIONS, fit_toy_router, toy_split
+from tests_router_helpers import QUESTIONS, fit_toy_router, rotated_style_set
 
 from router import HashingEncoder, Router
 from router.classifier import NeighbourVotes, StyleShift
@@ -106,8 +106,7 @@ def test_fit_style_shift_learns_from_the_votes() -> None:
 def test_router_with_neighbour_votes_saves_and_loads_them(
     tmp_path: Path, hashing_encoder: HashingEncoder
 ) -> None:
-    x_style, y = toy_split(hashing_encoder, 15, seed=2)
-    y_style = (y + 1) % len(LABELS)  # another style's labels: rotated
+    x_style, y_style = rotated_style_set(hashing_encoder)
     groups = [f"check{i % 3}" for i in range(len(y_style))]
     fit = {"head_gate": (0.1, 0.5), "style_shift_embedding_l2": 0.01}
     plain = fit_toy_router(hashing_encoder, x_style, y_style, groups, **fit)

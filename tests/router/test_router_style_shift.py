@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.special import log_softmax
-from tests_router_helpers import LABELS, QUESTIONS, fit_toy_router, toy_split
+from tests_router_helpers import (
+    LABELS,
+    QUESTIONS,
+    fit_toy_router,
+    rotated_style_set,
+    toy_split,
+)
 
 from router import HashingEncoder, Router
 from router.classifier import StyleShift
@@ -134,18 +140,12 @@ def test_each_training_label_weighs_at_most_the_cap() -> None:
         style_shift_train_weights(y, 4, 0.0)
 
 
-def _style_set(encoder: HashingEncoder) -> tuple[np.ndarray, np.ndarray]:
-    """Toy texts whose labels are rotated (law texts labelled code, ...): another style's labels."""
-    x, y = toy_split(encoder, 15, seed=2)
-    return x, (y + 1) % len(LABELS)
-
-
 @pytest.mark.parametrize("embedding_l2", [None, 0.01])
 def test_router_with_a_style_shift_keeps_the_open_gate_rows_and_saves_it(
     tmp_path: Path, hashing_encoder: HashingEncoder, embedding_l2: float | None
 ) -> None:
     x_val, _ = toy_split(hashing_encoder, 20, seed=1)
-    x_style, y_style = _style_set(hashing_encoder)
+    x_style, y_style = rotated_style_set(hashing_encoder)
     plain = fit_toy_router(hashing_encoder, head_gate=(0.1, 0.5))
     shifted = fit_toy_router(
         hashing_encoder,
@@ -196,7 +196,7 @@ def test_router_with_a_style_shift_keeps_the_open_gate_rows_and_saves_it(
 def test_without_recalibration_the_router_keeps_its_temperature_and_thresholds(
     hashing_encoder: HashingEncoder,
 ) -> None:
-    x_style, y_style = _style_set(hashing_encoder)
+    x_style, y_style = rotated_style_set(hashing_encoder)
     plain = fit_toy_router(hashing_encoder, head_gate=(0.1, 0.5))
     kept = fit_toy_router(hashing_encoder, x_style, y_style, head_gate=(0.1, 0.5))
     refit = fit_toy_router(
@@ -215,7 +215,7 @@ def test_without_recalibration_the_router_keeps_its_temperature_and_thresholds(
 
 
 def test_a_style_shift_needs_the_head_gate_and_the_prior(hashing_encoder: HashingEncoder) -> None:
-    x_style, y_style = _style_set(hashing_encoder)
+    x_style, y_style = rotated_style_set(hashing_encoder)
     with pytest.raises(ValueError, match="needs the head gate and the description prior"):
         fit_toy_router(hashing_encoder, x_style, y_style)
     gated = fit_toy_router(hashing_encoder, head_gate=(0.1, 0.5))
@@ -228,7 +228,7 @@ def test_a_style_shift_needs_the_head_gate_and_the_prior(hashing_encoder: Hashin
         dataclasses.replace(gated, style_shift=wrong_dim)
 
 
-def test_off_style_training_texts_of_named_labels_join_the_style_set(
+def test_off_style_training_texts_of_named_labels_join_therotated_style_set(
     hashing_encoder: HashingEncoder,
 ) -> None:
     r = fit_toy_router(hashing_encoder, head_gate=(0.1, 0.5))
@@ -243,7 +243,7 @@ def test_off_style_training_texts_of_named_labels_join_the_style_set(
     with pytest.raises(ValueError, match=r"\['surgery'\] are not among labels"):
         off_style_rows(r.head_gate, x_train, y_train, LABELS, ["surgery"])
     # with them the shift is fitted on more requests, and comes out otherwise
-    x_style, y_style = _style_set(hashing_encoder)
+    x_style, y_style = rotated_style_set(hashing_encoder)
     alone = fit_toy_router(hashing_encoder, x_style, y_style, head_gate=(0.1, 0.5))
     joined = fit_toy_router(
         hashing_encoder,

@@ -108,6 +108,12 @@ def toy_split(encoder: Encoder, n_per_label: int, seed: int) -> tuple[np.ndarray
     return encoder.encode(texts), np.asarray(y)
 
 
+def rotated_style_set(encoder: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """Toy texts whose labels are rotated (law texts labelled code, ...): another style's labels."""
+    x, y = toy_split(encoder, 15, seed=2)
+    return x, (y + 1) % len(LABELS)
+
+
 def fit_toy_router(
     encoder: Encoder,
     x_style: np.ndarray | None = None,

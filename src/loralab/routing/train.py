@@ -204,15 +204,14 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     x_train, y_train, train = embed_examples(encoder, train, labels, cache, batch, encoded)
     x_val, y_val, _ = embed_examples(encoder, val, labels, cache, batch, encoded)
     # half by half: the same cache chunks as the evaluated halves, so nothing is encoded twice
+    checks_halves = [(check, half) for check in style_checks for half in HALVES]
     style = [
         embed_examples(encoder, exam_examples(check, half), labels, cache, batch, encoded)
-        for check in style_checks
-        for half in HALVES
+        for check, half in checks_halves
     ]
     x_style = np.concatenate([x for x, _, _ in style]) if style else None
     y_style = np.concatenate([y for _, y, _ in style]) if style else None
     # each question's check: a check's questions never vote for each other in the shift's fit
-    checks_halves = [(check, half) for check in style_checks for half in HALVES]
     style_groups = [c for (c, _), (_, y, _) in zip(checks_halves, style, strict=True) for _ in y]
     embedded = {}
     for name, examples in sets.items():
