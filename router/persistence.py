@@ -32,14 +32,9 @@ from router.classifier import (
     StyleShift,
     head_from_tensors,
 )
-from router.encoders import (
-    Encoder,
-    EncoderSpec,
-    build_encoder,
-    resolve_model_name,
-    similarity_dim,
-)
+from router.encoders import Encoder, EncoderSpec, build_encoder, similarity_dim
 from router.inputs import InputPolicy
+from router.packaged_models import resolve_model_name
 
 if TYPE_CHECKING:
     from router.core import Router

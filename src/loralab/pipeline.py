@@ -74,16 +74,25 @@ def compose_stage(
     The user's overrides were validated against ``run_pipeline.yaml`` (which holds every stage's
     groups); each is passed with ``++`` so that a key another stage owns (``expert.lora.r`` for the
     router) adds an unused key instead of failing, while ``moelora.gate.top_k=2`` reaches the gate.
+    A group choice (``logger=wandb``, ``router=mpnet``) goes to the stages whose config has the
+    group.
     """
     from hydra import compose
+    from hydra.core.default_element import GroupDefault
     from hydra.core.global_hydra import GlobalHydra
 
     repository = GlobalHydra.instance().config_loader().repository  # type: ignore[attr-defined]
-    forwarded = [
-        o if repository.group_exists(override_key(o)) else "++" + o.lstrip("+")  # logger=wandb
-        for o in user_overrides
-        if not o.startswith("~") and not override_key(o).startswith(_PIPELINE_ONLY)
-    ]
+    loaded = repository.load_config(config_name)
+    groups = {d.group for d in loaded.defaults_list if isinstance(d, GroupDefault)}
+    forwarded = []
+    for o in user_overrides:
+        key = override_key(o)
+        if o.startswith("~") or key.startswith(_PIPELINE_ONLY):
+            continue
+        if not repository.group_exists(key):
+            forwarded.append("++" + o.lstrip("+"))
+        elif key.split("/")[0] in groups:
+            forwarded.append(o)
     cfg = compose(
         config_name=config_name, overrides=[f"experiment={experiment}", *forwarded, *extra]
     )

@@ -11,7 +11,8 @@ import torch
 
 from loralab.routing.finetune import FinetuneConfig, finetune_encoder, supervised_contrastive_loss
 from router import EncoderMismatchError, Router
-from router.encoders import EncoderSpec, SentenceTransformerEncoder, packaged_minilm_path
+from router.encoders import EncoderSpec, SentenceTransformerEncoder
+from router.packaged_models import packaged_minilm_path
 from router.persistence import RouterFileError
 from tests.router.tests_router_helpers import LABELS, QUESTIONS, fit_toy_router
 

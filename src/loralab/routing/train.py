@@ -325,7 +325,7 @@ def _finetune(
     if not ft or not ft.enabled:
         return None
     from loralab.routing.finetune import FinetuneConfig, finetune_encoder
-    from router.encoders import resolve_model_name
+    from router.packaged_models import resolve_model_name
 
     if encoder_cfg.get("kind") != "sentence_transformers":
         log.info("router.finetune: a %s encoder has no weights to tune", encoder_cfg.get("kind"))
