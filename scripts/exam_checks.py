@@ -31,7 +31,13 @@ from loralab.routing.exam_check import (
     request_lines,
     score_decisions,
 )
-from loralab.routing.held_back import NotEnoughChecks, Outcome, estimate_held_back, load_reference
+from loralab.routing.held_back import (
+    MIN_STRATUM,
+    NotEnoughChecks,
+    Outcome,
+    estimate_held_back,
+    load_reference,
+)
 
 
 def _check_files(pairs: list[str], checks: Iterable[str]) -> dict[str, str]:
@@ -47,13 +53,22 @@ def _check_files(pairs: list[str], checks: Iterable[str]) -> dict[str, str]:
     return files
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _correct(path: str, items: list[ExamItem]) -> list[bool]:
     with open(path, encoding="utf-8") as f:
         decided = read_decisions(items, f, path)
     return [decided[i.id]["label"] == i.label for i in items]
 
 
-def _estimate(pairs: list[str], baseline_pairs: list[str] | None, half: str | None) -> dict:
+def _estimate(
+    pairs: list[str], baseline_pairs: list[str] | None, half: str | None, min_stratum: int
+) -> dict:
     reference = load_reference()
     files = _check_files(pairs, reference.decisions)
     base_files = _check_files(baseline_pairs or [], reference.decisions)
@@ -70,7 +85,9 @@ def _estimate(pairs: list[str], baseline_pairs: list[str] | None, half: str | No
         outcomes += [Outcome(i.label, ref[i.id], c) for i, c in zip(items, correct, strict=True)]
         if baseline_pairs:
             baseline += _correct(base_files[check], items)
-    return estimate_held_back(outcomes, reference.confusion, baseline=baseline or None)
+    return estimate_held_back(
+        outcomes, reference.confusion, min_n=min_stratum, baseline=baseline or None
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,14 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", nargs="+", metavar="CHECK=FILE", help="another design, for the paired lead"
     )
     est.add_argument("--half", choices=HALVES, default=None, help="one half (default: both)")
+    est.add_argument(
+        "--min-stratum",
+        type=_positive_int,
+        default=MIN_STRATUM,
+        help=f"check questions a stratum needs to stand for itself (default {MIN_STRATUM}; "
+        "3 before exam13)",
+    )
     args = parser.parse_args(argv)
     if args.command == "estimate":
         try:
-            summary = _estimate(args.decisions, args.baseline, args.half)
+            summary = _estimate(args.decisions, args.baseline, args.half, args.min_stratum)
         except (OSError, DecisionsFileError, NotEnoughChecks) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(json.dumps({"half": args.half, **summary}))
+        print(json.dumps({"half": args.half, "min_stratum": args.min_stratum, **summary}))
         return 0
     items = exam_items(args.half, args.check)
     if args.command == "requests":

@@ -10,6 +10,7 @@ from tests_router_helpers import exam_checks_script
 
 from loralab.routing.exam_check import exam_items
 from loralab.routing.held_back import (
+    MIN_STRATUM,
     NotEnoughChecks,
     Outcome,
     estimate_held_back,
@@ -24,7 +25,7 @@ def _outcomes(gold: str, ref: str, right: int, wrong: int) -> list[Outcome]:
 def test_strata_weighted_by_hand() -> None:
     confusion = {"a": {"a": 8, "b": 2}, "b": {"b": 10}}
     outcomes = _outcomes("a", "a", 3, 1) + _outcomes("a", "b", 1, 3) + _outcomes("b", "b", 5, 0)
-    est = estimate_held_back(outcomes, confusion, n_resamples=200)
+    est = estimate_held_back(outcomes, confusion, min_n=3, n_resamples=200)
     assert est["per_label"] == {"a": pytest.approx((8 * 0.75 + 2 * 0.25) / 10), "b": 1.0}
     assert est["estimate"] == pytest.approx((6.5 + 10) / 20)
     assert est["bounds"] == [pytest.approx(0.825), pytest.approx(0.825)]  # no stratum borrowed
@@ -41,7 +42,7 @@ def test_thin_and_missing_strata_borrow_and_bound() -> None:
         + _outcomes("a", "c", 1, 2)
         + _outcomes("c", "c", 3, 0)  # c -> a is not on the checks: borrows every mistake
     )
-    est = estimate_held_back(outcomes, confusion, n_resamples=100)
+    est = estimate_held_back(outcomes, confusion, min_n=3, n_resamples=100)
     a_mistakes, all_mistakes = 2 / 4, 2 / 4
     assert est["per_label"]["a"] == pytest.approx((6 + 2 * a_mistakes + 2 * (1 / 3)) / 10)
     assert est["per_label"]["c"] == pytest.approx((5 + 5 * all_mistakes) / 10)
@@ -57,28 +58,42 @@ def test_thin_and_missing_strata_borrow_and_bound() -> None:
     }
 
 
+def test_a_stratum_stands_for_itself_only_from_min_stratum_questions() -> None:
+    """Three questions (one right) standing for 26 held-back ones swung the estimate by points."""
+    confusion = {"a": {"a": 74, "b": 26}}
+    mistakes = _outcomes("a", "c", 40, 10)  # the label's other mistakes, 40 right
+    for n, expected_b in ((MIN_STRATUM - 1, 40 / (50 + MIN_STRATUM - 1)), (MIN_STRATUM, 0.0)):
+        outcomes = _outcomes("a", "a", 20, 0) + _outcomes("a", "b", 0, n) + mistakes
+        est = estimate_held_back(outcomes, confusion, n_resamples=20)
+        b = next(s for s in est["strata"] if s["reference"] == "b")
+        assert b["accuracy"] == pytest.approx(expected_b)
+        assert b["from"] == ("a mistakes" if n < MIN_STRATUM else "stratum")
+
+
 def test_a_baseline_is_estimated_on_the_same_resamples() -> None:
     confusion = {"a": {"a": 8, "b": 2}, "b": {"b": 10}}
     outcomes = _outcomes("a", "a", 3, 1) + _outcomes("a", "b", 1, 3) + _outcomes("b", "b", 5, 0)
     # the baseline misses one more a -> a question and gets every a -> b question wrong
     baseline = [False, False, True, False] + [False] * 4 + [True] * 5
-    est = estimate_held_back(outcomes, confusion, n_resamples=300, baseline=baseline)
+    est = estimate_held_back(outcomes, confusion, min_n=3, n_resamples=300, baseline=baseline)
     assert est["baseline"]["per_label"] == {"a": pytest.approx(8 * 0.25 / 10), "b": 1.0}
     lead = est["lead"]
     assert lead["estimate"] == pytest.approx(est["estimate"] - (2 + 10) / 20)
     # paired: the candidate is never behind on a resample, so the lead's interval stays above 0
     assert 0 < lead["interval_95"][0] <= lead["estimate"] <= lead["interval_95"][1]
     same = estimate_held_back(
-        outcomes, confusion, n_resamples=50, baseline=[o.correct for o in outcomes]
+        outcomes, confusion, min_n=3, n_resamples=50, baseline=[o.correct for o in outcomes]
     )
     assert same["lead"] == {"estimate": 0.0, "interval_95": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="min_n must be at least 1, got 0"):
+        estimate_held_back(outcomes, confusion, min_n=0)
     with pytest.raises(ValueError, match="2 baseline outcomes for 13 questions"):
-        estimate_held_back(outcomes, confusion, baseline=[True, False])
+        estimate_held_back(outcomes, confusion, min_n=3, baseline=[True, False])
 
 
 def test_a_label_the_checks_do_not_hold_is_refused() -> None:
     with pytest.raises(NotEnoughChecks, match="stratum b -> b"):
-        estimate_held_back(_outcomes("a", "a", 5, 0), {"a": {"a": 1}, "b": {"b": 1}})
+        estimate_held_back(_outcomes("a", "a", 5, 0), {"a": {"a": 1}, "b": {"b": 1}}, min_n=3)
 
 
 def test_the_reference_design_gets_back_its_held_back_figure() -> None:
@@ -99,7 +114,7 @@ def test_the_reference_design_gets_back_its_held_back_figure() -> None:
 
 def test_the_reference_answers_every_question_of_its_checks() -> None:
     ref = load_reference()
-    assert set(ref.decisions) == {f"exam{k}" for k in range(2, 13)}
+    assert set(ref.decisions) == {f"exam{k}" for k in range(2, 14)}
     for check, decided in ref.decisions.items():
         assert set(decided) == {i.id for i in exam_items(check=check)}
         assert set(decided.values()) <= {"law", "code", "medical", "base"}
@@ -116,6 +131,7 @@ def test_estimate_command_line(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     est = json.loads(done.stdout)
     assert (est["estimate"], est["checks_n"], est["half"]) == (1.0, len(items), "dev")
+    assert est["min_stratum"] == MIN_STRATUM
     # the reference sent no exam3 law question to base, 26 of the 800 held back: all wrong at worst
     assert est["bounds"] == [pytest.approx(1 - 26 / 800), 1.0]
 
@@ -142,3 +158,10 @@ def test_estimate_command_line(tmp_path: Path) -> None:
     )
     assert other.returncode == 2
     assert "compare them on the same checks" in other.stderr
+    # the stratum size reaches the estimate: too large a one leaves a stratum nothing to stand on
+    big = exam_checks_script(
+        "estimate", f"exam3={perfect}", "--half", "dev", "--min-stratum", "1000"
+    )
+    assert big.returncode == 2 and "(need 1000)" in big.stderr
+    zero = exam_checks_script("estimate", f"exam3={perfect}", "--min-stratum", "0")
+    assert zero.returncode == 2 and "must be at least 1, got 0" in zero.stderr

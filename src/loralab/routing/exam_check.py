@@ -26,7 +26,9 @@ new writers) the current one, with a linear term on the embedding, fitted on ``e
 ``exam9``. ``exam11`` (the same, five more new writers) was then read once to measure that default
 and to test one change set beforehand (``exam10`` joining the fit), which did not lead it by the bar;
 ``exam12`` (the same, five more new writers) to test a neighbour term in the shift, chosen by
-leave-one-check-out over ``exam2`` to ``exam11``, which did not lead it either.
+leave-one-check-out over ``exam2`` to ``exam11``, which did not lead it either. ``exam13`` (the
+same, five more new writers) confirmed a wider partly-open head gate (``head_gate.high_quantile``
+0.25), chosen by leave-one-check-out over ``exam2`` to ``exam9``: the current default.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -99,6 +101,10 @@ EXAM_CHECKS = {
     "exam12": (
         "exam_check_12.jsonl",
         "0e9d9a11fb09d6f8f3385f1502dcb4414eecf2daf35d7dc8a69d0e35090b642e",
+    ),
+    "exam13": (
+        "exam_check_13.jsonl",
+        "04d2f173737231a0cce524f5b3e71918d03f2021ecc7630fb805af0a89adc900",
     ),
 }
 

@@ -360,6 +360,9 @@ def _style_shift_summary(
         "n_questions": n_questions,
         "train_labels": list(fcfg.style_shift_train_labels),
         "n_training_texts": int(off.sum()),
+        "n_training_texts_per_label": {
+            label: int((off & (y_train == i)).sum()) for i, label in enumerate(router.labels)
+        },
         "train_weight": fcfg.style_shift_train_weight,
         "embedding_l2": fcfg.style_shift_embedding_l2,
         "neighbours": None
