@@ -17,7 +17,8 @@ mistakes of that gold label; where those are too few as well (the reference sent
 checks' ``law`` questions to ``base``, 26 held back) it borrows from the reference's mistakes of
 every label, and ``bounds`` say how far such strata can move the estimate (none to all of them
 right). ``MIN_STRATUM`` was 3 until ``exam13`` brought that stratum its third question: three
-questions standing for 26 held-back ones moved the estimate by 1.5 points and doubled its interval.
+questions standing for 26 held-back ones moved a design's estimate by up to 1.5 points and more
+than doubled its interval.
 """
 
 from __future__ import annotations
