@@ -28,7 +28,9 @@ and to test one change set beforehand (``exam10`` joining the fit), which did no
 ``exam12`` (the same, five more new writers) to test a neighbour term in the shift, chosen by
 leave-one-check-out over ``exam2`` to ``exam11``, which did not lead it either. ``exam13`` (the
 same, five more new writers) confirmed a wider partly-open head gate (``head_gate.high_quantile``
-0.25), chosen by leave-one-check-out over ``exam2`` to ``exam9``: the current default.
+0.25), chosen by leave-one-check-out over ``exam2`` to ``exam9``: the current default. ``exam14``
+(the same, five more new writers) tested that default with its shift fitted on ``exam2`` to
+``exam13``, which did not lead it.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -105,6 +107,10 @@ EXAM_CHECKS = {
     "exam13": (
         "exam_check_13.jsonl",
         "04d2f173737231a0cce524f5b3e71918d03f2021ecc7630fb805af0a89adc900",
+    ),
+    "exam14": (
+        "exam_check_14.jsonl",
+        "f146c40b0dfbf9be553fa1163c4d53e027d8a4d8a495d15154b90cc3fb9ebb97",
     ),
 }
 
