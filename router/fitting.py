@@ -310,6 +310,7 @@ def fit_router(
     x_style: np.ndarray | None = None,
     y_style: np.ndarray | None = None,
     style_groups: Sequence[str] | None = None,
+    style_weight: np.ndarray | None = None,
 ) -> Router:
     """A calibrated router: head on ``x_train`` ``(n, dim)`` / ``y_train`` ``(n,)`` label ids,
     temperature and thresholds on ``x_val`` / ``y_val``, and a ``StyleShift`` on ``x_style`` /
@@ -317,7 +318,8 @@ def fit_router(
     gate does not fully open for (it needs the head gate and the prior; before the temperature and
     thresholds with ``config.style_shift_recalibrate``, else after them, at that temperature).
     ``style_groups``: the group (e.g. the check) of each ``x_style`` row, whose rows never vote for
-    each other in the shift's neighbour term (None: each row its own group)."""
+    each other in the shift's neighbour term (None: each row its own group); ``style_weight``: the
+    weight of each ``x_style`` row in the shift's fit (None: one each)."""
     cfg = config or FitConfig()
     labels = tuple(labels)
     head = fit_head(
@@ -364,10 +366,14 @@ def fit_router(
         if gate is None or prior is None or not cfg.prior_weight:
             raise ValueError("a style shift needs the head gate and the description prior")
         off = off_style_rows(gate, x_train[:, :sim], y_train, labels, cfg.style_shift_train_labels)
+        if style_weight is not None and style_weight.shape != y_style.shape:
+            raise ValueError(
+                f"style_weight has shape {style_weight.shape} for {len(y_style)} requests"
+            )
         x_all = np.concatenate([x_style, x_train[off]])
         weight = np.concatenate(
             [
-                np.ones(len(y_style)),
+                np.ones(len(y_style)) if style_weight is None else style_weight,
                 style_shift_train_weights(y_train[off], len(labels), cfg.style_shift_train_weight),
             ]
         )

@@ -15,6 +15,7 @@ from loralab.routing.held_back import (
     Outcome,
     estimate_held_back,
     load_reference,
+    stratum_weights,
 )
 
 
@@ -68,6 +69,28 @@ def test_a_stratum_stands_for_itself_only_from_min_stratum_questions() -> None:
         b = next(s for s in est["strata"] if s["reference"] == "b")
         assert b["accuracy"] == pytest.approx(expected_b)
         assert b["from"] == ("a mistakes" if n < MIN_STRATUM else "stratum")
+
+
+def test_stratum_weights_give_each_stratum_its_held_back_share() -> None:
+    confusion = {"a": {"a": 8, "b": 2}, "b": {"b": 10}}
+    # checks: a -> a 12, a -> b 10, b -> b 10, b -> a 2 (too few to stand), a -> c 5 (none held back)
+    cells = [("a", "a", 12), ("a", "b", 10), ("b", "b", 10), ("b", "a", 2), ("a", "c", 5)]
+    gold = [g for g, _, n in cells for _ in range(n)]
+    ref = [r for _, r, n in cells for _ in range(n)]
+    w = stratum_weights(gold, ref, confusion, min_n=3)
+    assert w.mean() == pytest.approx(1.0)
+    pairs = list(zip(gold, ref, strict=True))
+    by_cell = {(g, r): w[pairs.index((g, r))] for g, r, _ in cells}
+    neutral = 20 / 39  # held back / checks
+    scale = by_cell["b", "b"] / (10 / 10)
+    assert by_cell["a", "a"] == pytest.approx(scale * 8 / 12)
+    assert by_cell["a", "b"] == pytest.approx(scale * 2 / 10)
+    assert by_cell["b", "a"] == by_cell["a", "c"] == pytest.approx(scale * neutral)
+    # weighted, the checks' strata hold the held-back shares
+    held = {cell: sum(x for x, p in zip(w, pairs, strict=True) if p == cell) for cell in by_cell}
+    assert held["a", "a"] / held["b", "b"] == pytest.approx(8 / 10)
+    with pytest.raises(ValueError, match="2 gold labels for 1 reference decisions"):
+        stratum_weights(["a", "a"], ["a"], confusion)
 
 
 def test_a_baseline_is_estimated_on_the_same_resamples() -> None:

@@ -140,6 +140,27 @@ def test_each_training_label_weighs_at_most_the_cap() -> None:
         style_shift_train_weights(y, 4, 0.0)
 
 
+def test_a_style_request_of_weight_two_counts_as_two(hashing_encoder: HashingEncoder) -> None:
+    x_style, y_style = rotated_style_set(hashing_encoder)
+    fit = {"head_gate": (0.1, 0.5), "style_shift_embedding_l2": 0.01}
+    twice = fit_toy_router(
+        hashing_encoder,
+        np.concatenate([x_style, x_style[:10]]),
+        np.r_[y_style, y_style[:10]],
+        **fit,
+    )
+    weighted = fit_toy_router(
+        hashing_encoder, x_style, y_style, style_weight=np.r_[[2.0] * 10, [1.0] * 50], **fit
+    )
+    plain = fit_toy_router(hashing_encoder, x_style, y_style, **fit)
+    assert twice.style_shift is not None and weighted.style_shift is not None
+    assert plain.style_shift is not None
+    assert np.allclose(weighted.style_shift.prior_mix, twice.style_shift.prior_mix, atol=1e-4)
+    assert not np.allclose(weighted.style_shift.prior_mix, plain.style_shift.prior_mix, atol=1e-3)
+    with pytest.raises(ValueError, match=r"style_weight has shape \(3,\) for 60 requests"):
+        fit_toy_router(hashing_encoder, x_style, y_style, style_weight=np.ones(3), **fit)
+
+
 @pytest.mark.parametrize("embedding_l2", [None, 0.01])
 def test_router_with_a_style_shift_keeps_the_open_gate_rows_and_saves_it(
     tmp_path: Path, hashing_encoder: HashingEncoder, embedding_l2: float | None

@@ -279,6 +279,36 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
         train_router(_config(tmp_path / "bad", *no_checks, "router.head_gate=null"))
 
 
+def test_stratum_weights_reweight_the_shift_and_need_reference_decisions(tmp_path: Path) -> None:
+    from loralab.routing import train_router
+
+    no_checks = ["router.data.exam_checks={}", "router.data.probe_set=false"]
+    shifts = {}
+    for weighted in (False, True):
+        run = tmp_path / str(weighted)
+        _write_data(run / "data")
+        cfg = _config(
+            run,
+            *no_checks,
+            "router.style_shift.checks=[exam2,exam3]",
+            f"router.style_shift.stratum_weights={str(weighted).lower()}",
+        )
+        shift = train_router(cfg)["metrics"]["router"]["style_shift"]
+        assert shift["stratum_weights"] is weighted
+        shifts[weighted] = np.array(shift["bias"])
+    assert not np.allclose(shifts[True], shifts[False])
+    # the first check was written before the reference design routed any: it has no decisions
+    _write_data(tmp_path / "bad" / "data")
+    bad = _config(
+        tmp_path / "bad",
+        *no_checks,
+        "router.style_shift.checks=[exam,exam2]",
+        "router.style_shift.stratum_weights=true",
+    )
+    with pytest.raises(ValueError, match="exam check 'exam' has no reference decisions"):
+        train_router(bad)
+
+
 def _selective_by_hand(router: Router, texts: list[str], labels: list[str]) -> dict[str, float]:
     """Accuracy, coverage, risk and calibration of ``router`` on ``texts``, counted by hand."""
     decisions = router.decide_embeddings(router.encoder.encode(texts))

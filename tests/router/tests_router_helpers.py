@@ -119,6 +119,7 @@ def fit_toy_router(
     x_style: np.ndarray | None = None,
     y_style: np.ndarray | None = None,
     style_groups: Sequence[str] | None = None,
+    style_weight: np.ndarray | None = None,
     **config: Any,
 ) -> Router:
     """A router fitted on the toy corpus (60 texts per label, 20 for validation): routes
@@ -140,6 +141,7 @@ def fit_toy_router(
         x_style=x_style,
         y_style=y_style,
         style_groups=style_groups,
+        style_weight=style_weight,
     )
 
 

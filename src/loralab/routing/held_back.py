@@ -49,6 +49,32 @@ def load_reference(path: Path = REFERENCE_FILE) -> HeldBackReference:
     return HeldBackReference(data["design"], data["held_back"]["confusion"], data["decisions"])
 
 
+def stratum_weights(
+    gold: Sequence[str],
+    reference: Sequence[str],
+    confusion: Mapping[str, Mapping[str, int]],
+    min_n: int = MIN_STRATUM,
+) -> np.ndarray:
+    """``(n,)`` weights, mean 1, that give the check questions of each stratum (their gold label,
+    the reference's decision ``reference[i]``) that stratum's share of the held-back set: held-back
+    count / check count. A stratum with fewer than ``min_n`` check questions, or none held back,
+    keeps the neutral weight (held-back total / check total), as the estimate does not let it stand
+    for itself either."""
+    if len(gold) != len(reference) or not len(gold):
+        raise ValueError(f"{len(gold)} gold labels for {len(reference)} reference decisions")
+    cells: dict[tuple[str, str], int] = {}
+    for g, r in zip(gold, reference, strict=True):
+        cells[g, r] = cells.get((g, r), 0) + 1
+    held_total = sum(sum(row.values()) for row in confusion.values())
+    neutral = held_total / len(gold)
+    weight = {}
+    for (g, r), n in cells.items():
+        held = confusion.get(g, {}).get(r, 0)
+        weight[g, r] = held / n if n >= min_n and held else neutral
+    w = np.array([weight[g, r] for g, r in zip(gold, reference, strict=True)])
+    return w / w.mean()
+
+
 class Outcome(NamedTuple):
     gold: str
     reference: str  # the reference design's decision on the question

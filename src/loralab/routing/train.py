@@ -38,6 +38,7 @@ from loralab.routing.evaluate import (
     zero_shot_predict,
 )
 from loralab.routing.exam_check import HALVES, exam_items
+from loralab.routing.held_back import REFERENCE_FILE, load_reference, stratum_weights
 from loralab.routing.probes import probe_items
 from loralab.tracking import Tracker
 from router import InputPolicy, Router, build_encoder
@@ -108,6 +109,23 @@ def exam_examples(check: str, half: str) -> list[Example]:
     return [
         Example(i.text, i.label, f"{i.label}/{i.topic}", check) for i in exam_items(half, check)
     ]
+
+
+def _stratum_weights(checks_halves: list[tuple[str, str]], rows: list[list[Example]]) -> np.ndarray:
+    """The style shift's exam questions weighted to their strata's shares of the held-back set
+    (``held_back.stratum_weights``, from the reference design's decisions on each check)."""
+    reference = load_reference()
+    gold, decided = [], []
+    for (check, half), examples in zip(checks_halves, rows, strict=True):
+        if check not in reference.decisions:
+            raise ValueError(
+                f"router.style_shift.stratum_weights: exam check {check!r} has no reference "
+                f"decisions in {REFERENCE_FILE.name}"
+            )
+        id_of = {i.text: i.id for i in exam_items(half, check)}
+        gold += [e.label for e in examples]
+        decided += [reference.decisions[check][id_of[e.text]] for e in examples]
+    return stratum_weights(gold, decided, reference.confusion)
 
 
 def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
@@ -213,6 +231,9 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     y_style = np.concatenate([y for _, y, _ in style]) if style else None
     # each question's check: a check's questions never vote for each other in the shift's fit
     style_groups = [c for (c, _), (_, y, _) in zip(checks_halves, style, strict=True) for _ in y]
+    style_weight = None
+    if style and (rcfg.get("style_shift") or {}).get("stratum_weights"):
+        style_weight = _stratum_weights(checks_halves, [rows for _, _, rows in style])
     embedded = {}
     for name, examples in sets.items():
         x, y, rows = embed_examples(encoder, examples, labels, cache, batch, encoded)
@@ -238,6 +259,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         x_style=x_style,
         y_style=y_style,
         style_groups=style_groups,
+        style_weight=style_weight,
     )
     # Baseline: the same logistic regression on instructions only, no prior, no abstention.
     only = np.array([e.view == "instruction" for e in train])
@@ -281,6 +303,8 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
             router, style_checks, len(y_style) if y_style is not None else 0, x_train, y_train, fcfg
         ),
     }
+    if metrics["router"]["style_shift"] is not None:
+        metrics["router"]["style_shift"]["stratum_weights"] = style_weight is not None
     metrics["encoded_texts"] = encoded
     metrics["timing_s"] = {
         "finetune": t_tuned - t_start,
