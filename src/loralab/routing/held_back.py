@@ -24,6 +24,7 @@ than doubled its interval.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,7 @@ def stratum_weights(
     for itself either."""
     if len(gold) != len(reference) or not len(gold):
         raise ValueError(f"{len(gold)} gold labels for {len(reference)} reference decisions")
-    cells: dict[tuple[str, str], int] = {}
-    for g, r in zip(gold, reference, strict=True):
-        cells[g, r] = cells.get((g, r), 0) + 1
+    cells = Counter(zip(gold, reference, strict=True))
     held_total = sum(sum(row.values()) for row in confusion.values())
     neutral = held_total / len(gold)
     weight = {}

@@ -300,11 +300,15 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "n_val": len(val),
         "encoder": encoder.fingerprint(),
         "style_shift": _style_shift_summary(
-            router, style_checks, len(y_style) if y_style is not None else 0, x_train, y_train, fcfg
+            router,
+            style_checks,
+            len(y_style) if y_style is not None else 0,
+            style_weight is not None,
+            x_train,
+            y_train,
+            fcfg,
         ),
     }
-    if metrics["router"]["style_shift"] is not None:
-        metrics["router"]["style_shift"]["stratum_weights"] = style_weight is not None
     metrics["encoded_texts"] = encoded
     metrics["timing_s"] = {
         "finetune": t_tuned - t_start,
@@ -368,6 +372,7 @@ def _style_shift_summary(
     router: Router,
     checks: list[str],
     n_questions: int,
+    stratum_weighted: bool,
     x_train: np.ndarray,
     y_train: np.ndarray,
     fcfg: FitConfig,
@@ -382,6 +387,7 @@ def _style_shift_summary(
     return {
         "checks": checks,
         "n_questions": n_questions,
+        "stratum_weights": stratum_weighted,
         "train_labels": list(fcfg.style_shift_train_labels),
         "n_training_texts": int(off.sum()),
         "n_training_texts_per_label": {
