@@ -37,14 +37,18 @@ from loralab.routing.evaluate import (
     nearest_centroid_predict,
     zero_shot_predict,
 )
-from loralab.routing.exam_check import HALVES, exam_items
-from loralab.routing.held_back import REFERENCE_FILE, load_reference, stratum_weights
 from loralab.routing.probes import probe_items
+from loralab.routing.style_shift import (
+    embed_style_shift,
+    exam_examples,
+    style_shift_checks,
+    style_shift_summary,
+)
 from loralab.tracking import Tracker
-from router import InputPolicy, Router, build_encoder
+from router import InputPolicy, build_encoder
 from router.classifier import fit_head
 from router.encoders import similarity_dim
-from router.fitting import FitConfig, description_prior, fit_router, off_style_rows
+from router.fitting import FitConfig, description_prior, fit_router
 
 log = logging.getLogger(__name__)
 
@@ -85,47 +89,6 @@ def _optional_float(value: Any) -> float | None:
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-def style_shift_checks(rcfg: DictConfig) -> list[str]:
-    """The exam checks ``router.style_shift.checks`` names (both halves fit the style shift);
-    refused, before anything is encoded, where the router has no head gate or no prior for it."""
-    checks = [str(c) for c in ((rcfg.get("style_shift") or {}).get("checks") or [])]
-    if checks and (
-        rcfg.get("head_gate") is None
-        or not int(rcfg.ood_prototypes_per_label)
-        or not float(rcfg.prior.weight)
-    ):
-        raise ValueError(
-            f"router.style_shift.checks={checks} needs the head gate (router.head_gate, with "
-            "router.ood_prototypes_per_label > 0) and the prior (router.prior.weight > 0); "
-            "add router.style_shift.checks=[] to train without a style shift"
-        )
-    return checks
-
-
-def exam_examples(check: str, half: str) -> list[Example]:
-    """One half of a frozen exam check as labelled examples."""
-    return [
-        Example(i.text, i.label, f"{i.label}/{i.topic}", check) for i in exam_items(half, check)
-    ]
-
-
-def _stratum_weights(checks_halves: list[tuple[str, str]], rows: list[list[Example]]) -> np.ndarray:
-    """The style shift's exam questions weighted to their strata's shares of the held-back set
-    (``held_back.stratum_weights``, from the reference design's decisions on each check)."""
-    reference = load_reference()
-    gold, decided = [], []
-    for (check, half), examples in zip(checks_halves, rows, strict=True):
-        if check not in reference.decisions:
-            raise ValueError(
-                f"router.style_shift.stratum_weights: exam check {check!r} has no reference "
-                f"decisions in {REFERENCE_FILE.name}"
-            )
-        id_of = {i.text: i.id for i in exam_items(half, check)}
-        gold += [e.label for e in examples]
-        decided += [reference.decisions[check][id_of[e.text]] for e in examples]
-    return stratum_weights(gold, decided, reference.confusion)
 
 
 def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
@@ -221,19 +184,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
     encoded: dict[str, int] = {}  # texts encoded per label (the others came from the cache)
     x_train, y_train, train = embed_examples(encoder, train, labels, cache, batch, encoded)
     x_val, y_val, _ = embed_examples(encoder, val, labels, cache, batch, encoded)
-    # half by half: the same cache chunks as the evaluated halves, so nothing is encoded twice
-    checks_halves = [(check, half) for check in style_checks for half in HALVES]
-    style = [
-        embed_examples(encoder, exam_examples(check, half), labels, cache, batch, encoded)
-        for check, half in checks_halves
-    ]
-    x_style = np.concatenate([x for x, _, _ in style]) if style else None
-    y_style = np.concatenate([y for _, y, _ in style]) if style else None
-    # each question's check: a check's questions never vote for each other in the shift's fit
-    style_groups = [c for (c, _), (_, y, _) in zip(checks_halves, style, strict=True) for _ in y]
-    style_weight = None
-    if style and (rcfg.get("style_shift") or {}).get("stratum_weights"):
-        style_weight = _stratum_weights(checks_halves, [rows for _, _, rows in style])
+    style = embed_style_shift(rcfg, style_checks, encoder, labels, cache, batch, encoded)
     embedded = {}
     for name, examples in sets.items():
         x, y, rows = embed_examples(encoder, examples, labels, cache, batch, encoded)
@@ -256,10 +207,10 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         sample_weight=weights,
         policy=policy,
         config=fcfg,
-        x_style=x_style,
-        y_style=y_style,
-        style_groups=style_groups,
-        style_weight=style_weight,
+        x_style=None if style is None else style.x,
+        y_style=None if style is None else style.y,
+        style_groups=None if style is None else style.groups,
+        style_weight=None if style is None else style.weight,
     )
     # Baseline: the same logistic regression on instructions only, no prior, no abstention.
     only = np.array([e.view == "instruction" for e in train])
@@ -299,15 +250,7 @@ def train_router(cfg: DictConfig) -> dict[str, Any]:
         "n_train": len(train),
         "n_val": len(val),
         "encoder": encoder.fingerprint(),
-        "style_shift": _style_shift_summary(
-            router,
-            style_checks,
-            len(y_style) if y_style is not None else 0,
-            style_weight is not None,
-            x_train,
-            y_train,
-            fcfg,
-        ),
+        "style_shift": style_shift_summary(router, style_checks, style, x_train, y_train, fcfg),
     }
     metrics["encoded_texts"] = encoded
     metrics["timing_s"] = {
@@ -366,43 +309,6 @@ def _finetune(
     return finetune_encoder(
         resolve_model_name(str(encoder_cfg["name"])), texts, config, out_dir / "encoder"
     )
-
-
-def _style_shift_summary(
-    router: Router,
-    checks: list[str],
-    n_questions: int,
-    stratum_weighted: bool,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    fcfg: FitConfig,
-) -> dict[str, Any] | None:
-    """What the style shift was fitted on (those checks' figures are no longer those of unseen
-    questions) and its parameters; None without one."""
-    shift, gate = router.style_shift, router.head_gate
-    if shift is None or gate is None:
-        return None
-    x_sim = x_train[:, : router.similarity_dim] if router.similarity_dim else x_train
-    off = off_style_rows(gate, x_sim, y_train, router.labels, fcfg.style_shift_train_labels)
-    return {
-        "checks": checks,
-        "n_questions": n_questions,
-        "stratum_weights": stratum_weighted,
-        "train_labels": list(fcfg.style_shift_train_labels),
-        "n_training_texts": int(off.sum()),
-        "n_training_texts_per_label": {
-            label: int((off & (y_train == i)).sum()) for i, label in enumerate(router.labels)
-        },
-        "train_weight": fcfg.style_shift_train_weight,
-        "embedding_l2": fcfg.style_shift_embedding_l2,
-        "neighbours": None
-        if shift.neighbours is None
-        else {"k": shift.neighbours.k, "temperature": shift.neighbours.temperature},
-        "vote_weight": None if shift.vote_weight is None else shift.vote_weight.tolist(),
-        "head_scale": shift.head_scale,
-        "bias": shift.bias.tolist(),
-        "prior_mix": shift.prior_mix.tolist(),
-    }
 
 
 def _coarse_group(group: str) -> str:
