@@ -28,9 +28,10 @@ and to test one change set beforehand (``exam10`` joining the fit), which did no
 ``exam12`` (the same, five more new writers) to test a neighbour term in the shift, chosen by
 leave-one-check-out over ``exam2`` to ``exam11``, which did not lead it either. ``exam13`` (the
 same, five more new writers) confirmed a wider partly-open head gate (``head_gate.high_quantile``
-0.25), chosen by leave-one-check-out over ``exam2`` to ``exam9``: the current default. ``exam14``
-(the same, five more new writers) tested that default with its shift fitted on ``exam2`` to
-``exam13``, which did not lead it.
+0.25), chosen by leave-one-check-out over ``exam2`` to ``exam9``. ``exam14`` (the same, five more
+new writers) tested that default with its shift fitted on ``exam2`` to ``exam13``, which did not lead
+it; ``exam15`` (the same, five more new writers) confirmed it with its shift fitted on ``exam2`` to
+``exam14``, chosen by leave-one-check-out over ``exam10`` to ``exam14``: the current default.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -111,6 +112,10 @@ EXAM_CHECKS = {
     "exam14": (
         "exam_check_14.jsonl",
         "f146c40b0dfbf9be553fa1163c4d53e027d8a4d8a495d15154b90cc3fb9ebb97",
+    ),
+    "exam15": (
+        "exam_check_15.jsonl",
+        "7a558885e843fc70afb0886153e59ffd7603d7a69b4f7e9adae409b414efeec1",
     ),
 }
 
