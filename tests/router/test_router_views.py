@@ -117,6 +117,7 @@ def test_question_of_prefers_the_asking_paragraph_and_drops_field_names() -> Non
         ("exam13", dict.fromkeys(LABELS, 120)),
         ("exam14", dict.fromkeys(LABELS, 120)),
         ("exam15", dict.fromkeys(LABELS, 120)),
+        ("exam16", dict.fromkeys(LABELS, 120)),
     ],
 )
 def test_exam_checks_are_frozen_and_split_in_stable_halves(
@@ -141,5 +142,5 @@ def test_exam_checks_are_frozen_and_split_in_stable_halves(
         exam_items(check=check, path=edited)
     with pytest.raises(ValueError, match="half"):
         exam_items("train", check)
-    with pytest.raises(ValueError, match="unknown exam check 'exam16'"):
-        exam_items(check="exam16")
+    with pytest.raises(ValueError, match="unknown exam check 'exam17'"):
+        exam_items(check="exam17")

@@ -32,6 +32,7 @@ same, five more new writers) confirmed a wider partly-open head gate (``head_gat
 new writers) tested that default with its shift fitted on ``exam2`` to ``exam13``, which did not lead
 it; ``exam15`` (the same, five more new writers) confirmed it with its shift fitted on ``exam2`` to
 ``exam14``, chosen by leave-one-check-out over ``exam10`` to ``exam14``: the current default.
+``exam16`` (the same, five more new writers) was then read once to measure it; no choice was made on it.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -116,6 +117,10 @@ EXAM_CHECKS = {
     "exam15": (
         "exam_check_15.jsonl",
         "7a558885e843fc70afb0886153e59ffd7603d7a69b4f7e9adae409b414efeec1",
+    ),
+    "exam16": (
+        "exam_check_16.jsonl",
+        "6d72205903e4f50ce80bc4e2705f2fbc1b60d656c2befc3cb9cdba4bd8335e73",
     ),
 }
 
