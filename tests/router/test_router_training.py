@@ -179,7 +179,7 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
         "probe",
         *(
             f"{check}_{half}"
-            for check in ("exam", *(f"exam{k}" for k in range(2, 17)))
+            for check in ("exam", *(f"exam{k}" for k in range(2, 19)))
             for half in ("dev", "sealed")
         ),
     }
@@ -238,6 +238,7 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
         "router.style_shift.checks=[exam2,exam3]",
         "router.style_shift.train_labels=[law,code,medical,base]",
         "router.style_shift.neighbours=5",
+        "router.style_shift.embedding_l2=2e-5",
     )
     metrics = train_router(cfg)["metrics"]
     shift = metrics["router"]["style_shift"]
@@ -247,7 +248,7 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
     per_label = shift["n_training_texts_per_label"]
     assert set(per_label) == {"law", "code", "medical", "base"}
     assert sum(per_label.values()) == shift["n_training_texts"]
-    assert (shift["embedding_l2"], shift["train_weight"]) == (3e-5, 250.0)
+    assert (shift["embedding_l2"], shift["train_weight"]) == (2e-5, 250.0)
     router = Router.load(tmp_path / "run" / "router")
     assert router.style_shift is not None
     assert router.style_shift.bias.tolist() == pytest.approx(shift["bias"])
@@ -272,8 +273,8 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
     assert plain.style_shift is None
     assert not np.allclose(router.logits(x), plain.logits(x))
     _write_data(tmp_path / "bad" / "data")
-    with pytest.raises(ValueError, match="unknown exam check 'exam17'"):
-        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam17]"))
+    with pytest.raises(ValueError, match="unknown exam check 'exam19'"):
+        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam19]"))
     # without the head gate there is nothing for it to act on: refused with the override to add
     with pytest.raises(ValueError, match=r"needs the head gate .* router.style_shift.checks=\[\]"):
         train_router(_config(tmp_path / "bad", *no_checks, "router.head_gate=null"))

@@ -118,6 +118,8 @@ def test_question_of_prefers_the_asking_paragraph_and_drops_field_names() -> Non
         ("exam14", dict.fromkeys(LABELS, 120)),
         ("exam15", dict.fromkeys(LABELS, 120)),
         ("exam16", dict.fromkeys(LABELS, 120)),
+        ("exam17", dict.fromkeys(LABELS, 120)),
+        ("exam18", dict.fromkeys(LABELS, 120)),
     ],
 )
 def test_exam_checks_are_frozen_and_split_in_stable_halves(
@@ -142,5 +144,5 @@ def test_exam_checks_are_frozen_and_split_in_stable_halves(
         exam_items(check=check, path=edited)
     with pytest.raises(ValueError, match="half"):
         exam_items("train", check)
-    with pytest.raises(ValueError, match="unknown exam check 'exam17'"):
-        exam_items(check="exam17")
+    with pytest.raises(ValueError, match="unknown exam check 'exam19'"):
+        exam_items(check="exam19")

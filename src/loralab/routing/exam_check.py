@@ -31,8 +31,11 @@ same, five more new writers) confirmed a wider partly-open head gate (``head_gat
 0.25), chosen by leave-one-check-out over ``exam2`` to ``exam9``. ``exam14`` (the same, five more
 new writers) tested that default with its shift fitted on ``exam2`` to ``exam13``, which did not lead
 it; ``exam15`` (the same, five more new writers) confirmed it with its shift fitted on ``exam2`` to
-``exam14``, chosen by leave-one-check-out over ``exam10`` to ``exam14``: the current default.
-``exam16`` (the same, five more new writers) was then read once to measure it; no choice was made on it.
+``exam14``, chosen by leave-one-check-out over ``exam10`` to ``exam14``. ``exam16`` (the same, five
+more new writers) was then read once to measure it; no choice was made on it. ``exam17`` (the same,
+five more new writers) confirmed the current default, its shift fitted on ``exam2`` to ``exam16``
+with a weaker embedding penalty, chosen by leave-one-check-out over ``exam10`` to ``exam16``;
+``exam18`` (the same, five more new writers) was then read once to measure it.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -121,6 +124,14 @@ EXAM_CHECKS = {
     "exam16": (
         "exam_check_16.jsonl",
         "6d72205903e4f50ce80bc4e2705f2fbc1b60d656c2befc3cb9cdba4bd8335e73",
+    ),
+    "exam17": (
+        "exam_check_17.jsonl",
+        "4aee504947fbe9546ecc203b45e57739e550e234f55b1f529f5ac8d278d62f4d",
+    ),
+    "exam18": (
+        "exam_check_18.jsonl",
+        "72c959c3f19b35a036fac17e0e54a159bafec0ef77bb714afd8377740ced0f50",
     ),
 }
 
