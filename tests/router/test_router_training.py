@@ -179,7 +179,7 @@ def test_train_router_with_the_hashing_encoder(tmp_path: Path, prototypes: int) 
         "probe",
         *(
             f"{check}_{half}"
-            for check in ("exam", *(f"exam{k}" for k in range(2, 19)))
+            for check in ("exam", *(f"exam{k}" for k in range(2, 20)))
             for half in ("dev", "sealed")
         ),
     }
@@ -273,8 +273,8 @@ def test_style_shift_is_fitted_on_the_named_checks_and_reported(tmp_path: Path) 
     assert plain.style_shift is None
     assert not np.allclose(router.logits(x), plain.logits(x))
     _write_data(tmp_path / "bad" / "data")
-    with pytest.raises(ValueError, match="unknown exam check 'exam19'"):
-        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam19]"))
+    with pytest.raises(ValueError, match="unknown exam check 'exam20'"):
+        train_router(_config(tmp_path / "bad", *no_checks, "router.style_shift.checks=[exam20]"))
     # without the head gate there is nothing for it to act on: refused with the override to add
     with pytest.raises(ValueError, match=r"needs the head gate .* router.style_shift.checks=\[\]"):
         train_router(_config(tmp_path / "bad", *no_checks, "router.head_gate=null"))
@@ -448,6 +448,7 @@ def test_train_router_with_real_minilm_and_real_data(tmp_path: Path) -> None:
     cfg = compose(
         "train_router",
         [
+            "router=minilm",
             "router.data.max_train_per_label=24",
             "router.data.max_val_per_label=8",
             "router.data.max_test_per_label=8",

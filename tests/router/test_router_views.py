@@ -120,6 +120,7 @@ def test_question_of_prefers_the_asking_paragraph_and_drops_field_names() -> Non
         ("exam16", dict.fromkeys(LABELS, 120)),
         ("exam17", dict.fromkeys(LABELS, 120)),
         ("exam18", dict.fromkeys(LABELS, 120)),
+        ("exam19", dict.fromkeys(LABELS, 120)),
     ],
 )
 def test_exam_checks_are_frozen_and_split_in_stable_halves(
@@ -144,5 +145,5 @@ def test_exam_checks_are_frozen_and_split_in_stable_halves(
         exam_items(check=check, path=edited)
     with pytest.raises(ValueError, match="half"):
         exam_items("train", check)
-    with pytest.raises(ValueError, match="unknown exam check 'exam19'"):
-        exam_items(check="exam19")
+    with pytest.raises(ValueError, match="unknown exam check 'exam20'"):
+        exam_items(check="exam20")

@@ -35,7 +35,9 @@ it; ``exam15`` (the same, five more new writers) confirmed it with its shift fit
 more new writers) was then read once to measure it; no choice was made on it. ``exam17`` (the same,
 five more new writers) confirmed the current default, its shift fitted on ``exam2`` to ``exam16``
 with a weaker embedding penalty, chosen by leave-one-check-out over ``exam10`` to ``exam16``;
-``exam18`` (the same, five more new writers) was then read once to measure it.
+``exam18`` (the same, five more new writers) was then read once to measure it. ``exam19`` (the same,
+five more new writers) confirmed the current default, all-mpnet-base-v2 with its shift fitted on
+``exam2`` to ``exam18``, chosen by leave-one-check-out over ``exam10`` to ``exam18``.
 Rendered as the user would send them: the question, then ``A. ...`` to ``D. ...``. No answer key:
 the router only needs the subject.
 
@@ -132,6 +134,10 @@ EXAM_CHECKS = {
     "exam18": (
         "exam_check_18.jsonl",
         "72c959c3f19b35a036fac17e0e54a159bafec0ef77bb714afd8377740ced0f50",
+    ),
+    "exam19": (
+        "exam_check_19.jsonl",
+        "770a8ea5828ae0d28b1e55cbaee19a2320754422fc561e8f576f40e2b400b50f",
     ),
 }
 

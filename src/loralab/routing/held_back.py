@@ -3,7 +3,7 @@
 The held-back set (800 real exam questions, 200 per label) is measured outside the project. One
 design was measured both there and on our MMLU-style checks: the router issue 13 measured
 (``36f95d9``'s defaults, model version ``437922f086b5``). ``held_back_reference.json`` keeps its
-confusion on the held-back set (from the issue) and its decisions on ``exam2`` to ``exam18`` (that
+confusion on the held-back set (from the issue) and its decisions on ``exam2`` to ``exam19`` (that
 commit's ``python -m router route``, one check per call).
 
 Each check question falls in a stratum: (gold label, the reference design's decision). Within a
