@@ -1,5 +1,6 @@
 """The evaluation harness: choices, grouping, the two-domain set, X-LoRA's classifier binding."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,23 @@ def test_two_domain_set_is_deterministic_and_covers_every_pair(smoke_experts):
     assert (
         len({part for r in first for part in r.id.removeprefix("pair:").split("+")}) == 18
     )  # no reuse
+
+
+def test_xlora_runs_its_frozen_experts_without_dropout_in_training(smoke_experts):
+    """As the MoE-LoRA gate does: in train mode, the same batch gives the same loss twice."""
+    from loralab.baselines import build_xlora
+
+    adapters = dict(smoke_experts["adapters"])
+    dropout = {
+        json.loads((Path(p) / "adapter_config.json").read_text())["lora_dropout"]
+        for p in adapters.values()
+    }
+    assert min(dropout) > 0  # the experts were trained with dropout
+    model = build_xlora(load_base_model(smoke_experts["cfg"].base_model)[0], adapters).train()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first, second = (model(input_ids=ids, labels=ids).loss for _ in range(2))
+    assert torch.equal(first, second)
 
 
 def test_xlora_classifier_is_bound_to_its_experts_and_base(smoke_experts, tmp_path):
