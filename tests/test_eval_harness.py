@@ -62,11 +62,12 @@ def test_two_domain_set_is_deterministic_and_covers_every_pair(smoke_experts):
 
 def test_xlora_runs_its_frozen_experts_without_dropout_in_training(smoke_experts):
     """As the MoE-LoRA gate does: in train mode, the same batch gives the same loss twice."""
+    from loralab.artifacts import ADAPTER_CONFIG
     from loralab.baselines import build_xlora
 
     adapters = dict(smoke_experts["adapters"])
     dropout = {
-        json.loads((Path(p) / "adapter_config.json").read_text())["lora_dropout"]
+        json.loads((Path(p) / ADAPTER_CONFIG).read_text())["lora_dropout"]
         for p in adapters.values()
     }
     assert min(dropout) > 0  # the experts were trained with dropout

@@ -27,7 +27,7 @@ def build_xlora(
     registered as "0", "1", ... in the order of ``adapters``. The frozen experts run without their
     LoRA dropout, in training too, as under the MoE-LoRA gate: the two mixtures then learn from the
     same expert outputs (PEFT would keep each expert's dropout active while the classifier trains,
-    which also took a third of a training step on CPU).
+    which also slows its training step on CPU).
     """
     base.config.use_cache = False
     config = XLoraConfig(
