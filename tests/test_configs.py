@@ -138,3 +138,15 @@ def test_pipeline_overrides_reach_their_stage_without_plus_plus(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_main_job_trains_only_what_its_evaluation_runs(tmp_path):
+    """The CPU default's stages: every artifact an evaluated system runs on, and no other (a gate
+    no system runs would cost the main job minutes for nothing)."""
+    from loralab.pipeline import stages_read
+
+    cfg = compose("run_pipeline", [], tmp_path)
+    read = {
+        s for stages in stages_read(cfg.eval.systems, cfg.data.domains).values() for s in stages
+    }
+    assert set(cfg.pipeline.stages) == read | {"experts", "evaluate"}

@@ -264,24 +264,32 @@ def _run_pipeline(
     return results
 
 
+def stages_read(systems: Sequence[str], domains: Sequence[str]) -> dict[str, list[str]]:
+    """Each evaluated system (``expert_*`` expanded) -> the training stages whose artifacts it runs
+    on, besides the experts (``router``, ``moelora``, ``moelora_prior``, ``xlora``)."""
+    from loralab.evaluation.build import expand_systems, gate_of, needs_router
+
+    out = {}
+    for name in expand_systems([str(n) for n in systems], list(domains)):
+        needed = {gate_of(name), "router" if needs_router(name) else None}
+        needed |= {"xlora"} if name == "xlora" else set()
+        out[name] = sorted(s for s in needed if s is not None)
+    return out
+
+
 def _check_artifacts_for(
     cfg: DictConfig, stages: Sequence[str], dirs: dict[str, Path], domains: list[str]
 ) -> None:
     """Every artifact ``eval.systems`` runs on is trained by a stage of this run or was left in the
     run folder by an earlier one: checked before any training, not after it."""
-    from loralab.evaluation.build import expand_systems, gate_of, needs_router
-
-    names = expand_systems([str(n) for n in cfg.eval.systems], domains)
     saved = {
         "router": saved_router_labels,
         "moelora": saved_gate_experts,
         "moelora_prior": saved_gate_experts,
         "xlora": saved_xlora_experts,
     }
-    for name in names:
-        needed = {gate_of(name), "router" if needs_router(name) else None}
-        needed |= {"xlora"} if name == "xlora" else set()
-        for stage in sorted(s for s in needed if s is not None):
+    for name, needed in stages_read(cfg.eval.systems, domains).items():
+        for stage in needed:
             if stage not in stages and saved[stage](dirs[stage]) is None:
                 raise ValueError(
                     f"eval.systems: {name!r} needs the {stage!r} artifacts, which "
